@@ -3,7 +3,8 @@
 The CPU sources in csrc/*.cpp are always compiled (with OpenMP); CUDA sources (csrc/*.cu) only
 where a CUDA toolkit and a CUDA build of torch are both present, or GFNET_FORCE_CUDA=1.
 The Triton kernels live in the top-level kernels/ folder and are installed as ``gfnet.kernels``
-(a popular PyPI package already owns the import name ``kernels``).
+(a popular PyPI package already owns the import name ``kernels``); the benchmark suites of bench/
+are installed as ``gfnet.bench`` so that the ``gfnet-bench`` command finds them.
 """
 import glob
 import os
@@ -45,11 +46,11 @@ if with_cuda:
 else:
     ext = CppExtension("gfnet._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=link_flags)
 
-packages = find_packages(include=["gfnet", "gfnet.*"]) + ["gfnet.kernels"]
+packages = find_packages(include=["gfnet", "gfnet.*"]) + ["gfnet.kernels", "gfnet.bench"]
 
 setup(
     packages=packages,
-    package_dir={"gfnet.kernels": "kernels"},
+    package_dir={"gfnet.kernels": "kernels", "gfnet.bench": "bench"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
