@@ -1,0 +1,13 @@
+"""Input pipelines for ImageNet-layout folders: DALI (GPU or CPU) and a torchvision fallback.
+
+- :func:`make_loader`: batches ``(images, labels)`` of one split, sharded, with the reference's
+  transforms; broken files reported and skipped (:mod:`gfnet.data.loader`).
+- :func:`index_split`: the validated, cached file list of a split (:mod:`gfnet.data.index`).
+- :func:`make_sample_tree`: a small sample tree of real JPEGs, no download (:mod:`gfnet.data.sample`).
+"""
+from gfnet.data.index import SplitIndex, index_split
+from gfnet.data.loader import IMAGENET_MEAN, IMAGENET_STD, ImageLoader, LoaderStats, make_loader
+from gfnet.data.sample import SampleTree, make_sample_tree
+
+__all__ = ["make_loader", "ImageLoader", "LoaderStats", "index_split", "SplitIndex", "make_sample_tree",
+           "SampleTree", "IMAGENET_MEAN", "IMAGENET_STD"]

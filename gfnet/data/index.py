@@ -1,0 +1,183 @@
+"""Index an ImageNet-layout split (``root/<split>/<class>/<image>``) once, validate it, cache the result.
+
+Labels follow torchvision's ImageFolder: a class's label is the position of its folder among the
+split's sorted class folders, and files are ordered by class, then by name. Only the images directly
+inside a class folder are read (ImageFolder also walks subfolders; ImageNet has none). Unlike
+ImageFolder, an empty class folder is allowed: it keeps its label (so that the labels of a partial
+tree, e.g. a validation subset, still match a model trained on all classes) and is reported with a
+warning.
+
+The index (file names, sizes and validation results of every class folder) is cached as JSON in
+``$GFNET_CACHE_DIR`` (default ``$XDG_CACHE_HOME/gfnet`` or ``~/.cache/gfnet``), one file per split
+keyed by the split folder's real path. A class folder is listed and validated again only when its
+modification time changed (adding, removing or renaming a file changes it), so a run on a 1.28M-file
+tree costs one ``stat`` per class folder. A file rewritten in place keeps its folder's time: pass
+``refresh=True`` to re-index after that.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from gfnet.data.validate import check_image_file
+
+log = logging.getLogger(__name__)
+
+#: File name endings read as images (those of torchvision's ImageFolder), compared case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class SplitIndex:
+    """The valid images of one split, their labels, and the files skipped.
+
+    Attributes:
+        split_dir: the split folder (``root/<split>``).
+        classes: sorted class folder names; ``labels`` index into it.
+        files: absolute paths of the valid images, sorted by class then file name.
+        labels: class index of each file in ``files``.
+        skipped: (path, reason) of every image-named file that is not a whole, decodable image.
+        empty_classes: class folders that hold no valid image (still counted in ``classes``).
+    """
+
+    split_dir: str
+    classes: list[str]
+    files: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+
+def default_cache_dir() -> str:
+    """``$GFNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/gfnet``, else ``~/.cache/gfnet``."""
+    if os.environ.get("GFNET_CACHE_DIR"):
+        return os.environ["GFNET_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gfnet")
+
+
+def cache_path(split_dir: str, cache_dir: str | None = None) -> str:
+    """Where the index of `split_dir` is cached."""
+    real = os.path.realpath(split_dir)
+    key = hashlib.sha1(real.encode()).hexdigest()[:16]
+    name = os.path.basename(real) or "split"
+    return os.path.join(cache_dir or default_cache_dir(), f"index-{name}-{key}.json")
+
+
+def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = None,
+                refresh: bool = False, use_cache: bool = True, workers: int | None = None) -> SplitIndex:
+    """List and validate ``root/<split>``, reusing the cached index of unchanged class folders.
+
+    Args:
+        root: dataset root holding ``train/`` and ``val/`` (ImageNet layout).
+        split: split folder name, e.g. ``"train"`` or ``"val"``.
+        cache_dir: where to keep the index (default :func:`default_cache_dir`).
+        refresh: ignore the cache and validate every file again.
+        use_cache: read and write the cache at all (False: validate every time, write nothing).
+        workers: threads that validate files (default ``min(32, 4 * cpu_count)``; the checks read files).
+
+    Raises:
+        FileNotFoundError: the root or the split folder does not exist (the message names it).
+        ValueError: the split holds no class folder, or no valid image.
+    """
+    root = os.path.abspath(os.fspath(root))  # the file list must not depend on the working directory
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"dataset root {root!r} does not exist or is not a folder; pass the folder that holds "
+            f"train/<class>/*.JPEG and val/<class>/*.JPEG (ImageNet layout), or write a small sample "
+            f"with `gfnet-data make-sample {root}`")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        present = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        raise FileNotFoundError(
+            f"split folder {split_dir!r} does not exist; {root!r} holds {present or 'no folders'}. "
+            f"The layout must be {root}/{split}/<class>/<image>")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"split folder {split_dir!r} holds no class folder; the layout must be "
+                         f"{split_dir}/<class>/<image>")
+
+    cpath = cache_path(split_dir, cache_dir)
+    cached = {} if (refresh or not use_cache) else _read_cache(cpath, split_dir)
+    entries_by_class: dict[str, list] = {}
+    mtimes: dict[str, int] = {}
+    to_check: list[tuple[str, str]] = []  # (class, file name)
+    for cname in classes:
+        cdir = os.path.join(split_dir, cname)
+        mtime = os.stat(cdir).st_mtime_ns
+        mtimes[cname] = mtime
+        hit = cached.get(cname)
+        if hit is not None and hit["mtime_ns"] == mtime:
+            entries_by_class[cname] = hit["entries"]
+            continue
+        names = sorted(n for n in os.listdir(cdir)
+                       if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+                       and os.path.isfile(os.path.join(cdir, n)))
+        entries_by_class[cname] = None  # listed now, validated below
+        to_check += [(cname, n) for n in names]
+
+    stale = [c for c, entries in entries_by_class.items() if entries is None]
+    for cname in stale:
+        entries_by_class[cname] = []
+    if to_check:
+        nthreads = workers or min(32, 4 * (os.cpu_count() or 1))
+        paths = [os.path.join(split_dir, c, n) for c, n in to_check]
+        with ThreadPoolExecutor(max_workers=nthreads) as pool:
+            results = list(pool.map(check_image_file, paths, chunksize=64))
+        for (cname, name), (reason, size) in zip(to_check, results):
+            entries_by_class[cname].append([name, size, reason])
+    if use_cache and (stale or set(cached) != set(classes)):
+        _write_cache(cpath, split_dir, {c: {"mtime_ns": mtimes[c], "entries": entries_by_class[c]}
+                                        for c in classes})
+
+    index = SplitIndex(split_dir=split_dir, classes=classes)
+    for label, cname in enumerate(classes):
+        n_valid = 0
+        for name, _size, reason in entries_by_class[cname]:
+            path = os.path.join(split_dir, cname, name)
+            if reason is None:
+                index.files.append(path)
+                index.labels.append(label)
+                n_valid += 1
+            else:
+                index.skipped.append((path, reason))
+        if n_valid == 0:
+            index.empty_classes.append(cname)
+    if not index.files:
+        raise ValueError(f"split folder {split_dir!r} holds no valid image in its {len(classes)} class "
+                         f"folders ({len(index.skipped)} files skipped as broken)")
+    return index
+
+
+def _read_cache(cpath: str, split_dir: str) -> dict:
+    try:
+        with open(cpath) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    if data.get("version") != _CACHE_VERSION or data.get("split_dir") != os.path.realpath(split_dir):
+        return {}
+    return data.get("classes", {})
+
+
+def _write_cache(cpath: str, split_dir: str, classes: dict) -> None:
+    data = {"version": _CACHE_VERSION, "split_dir": os.path.realpath(split_dir), "classes": classes}
+    tmp = f"{cpath}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cpath), exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, separators=(",", ":"))
+        os.replace(tmp, cpath)  # atomic: concurrent ranks never read a half-written index
+    except OSError as exc:
+        log.info("could not write the data index cache %s (%s); the split is indexed again next run",
+                 cpath, exc)
