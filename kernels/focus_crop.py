@@ -1,0 +1,113 @@
+"""focus_crop: per-sample integer crops of a batch, fused with uint8->float, normalisation and layout.
+
+GFNet's focus step (Wang et al., NeurIPS 2020, Sec. 3.2) crops a P x P patch whose top-left corner is
+``floor(a * (S - P))`` from each full-resolution image. One Triton program copies a block of one channel of
+one sample's patch; the corners come in as an int32 tensor so no value ever visits the host.
+"""
+import torch
+
+from gfnet.kernels._cast import cast_out
+from gfnet.kernels._triton import tl, triton
+
+
+@triton.jit
+def _focus_crop_kernel(
+    x_ptr, corner_ptr, out_ptr,
+    H, W,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    norm_ptr,
+    IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, COMPUTE_F64: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # P is a compile-time constant (GFNet uses 96, 128 or 144): the per-element // and % by it become
+    # multiply-shifts instead of integer divisions.
+    pid_nc = tl.program_id(0)
+    n = (pid_nc // 3).to(tl.int64)  # int64: batch * image offsets overflow int32 past ~14k images of 224^2
+    c = pid_nc % 3
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P * P
+    i = offs // P
+    j = offs % P
+    # Clamped so that an unvalidated action (NaN, out of [0, 1]) can never read outside the image.
+    y0 = tl.minimum(tl.maximum(tl.load(corner_ptr + 2 * n), 0), H - P)
+    x0 = tl.minimum(tl.maximum(tl.load(corner_ptr + 2 * n + 1), 0), W - P)
+    src = x_ptr + n * sxn + c * sxc + (y0 + i).to(tl.int64) * sxh + (x0 + j).to(tl.int64) * sxw
+    v = tl.load(src, mask=mask, other=0)
+    if COMPUTE_F64:
+        v = v.to(tl.float64)
+    else:
+        v = v.to(tl.float32)
+    # The same operations in the same order as the reference, so that the results are bit-identical:
+    # x / 255 for uint8, then (x - mean) / std, each correctly rounded (Triton's plain `/` on float32 is an
+    # approximate division on the GPU; div_rn is the IEEE one).
+    if IS_UINT8:
+        v = tl.math.div_rn(v, 255.0)
+    if NORMALISE:
+        # mean and std come from memory, not as scalar arguments: Triton types Python floats as float32,
+        # which would round a float64 computation's constants.
+        m = tl.load(norm_ptr + c)
+        s = tl.load(norm_ptr + 3 + c)
+        if COMPUTE_F64:
+            v = (v - m) / s
+        else:
+            v = tl.math.div_rn(v - m, s)
+    dst = out_ptr + n * son + c * soc + i.to(tl.int64) * soh + j.to(tl.int64) * sow
+    tl.store(dst, cast_out(v, OUT_DTYPE), mask=mask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float64: tl.float64}
+
+
+def focus_crop_triton(images, corners, out, norm=None):
+    """Launch the focus-crop kernel.
+
+    images: Tensor[N, 3, H, W] (any strides: an HWC batch is passed as its permuted view), uint8 or float.
+    corners: Tensor[N, 2] int32, contiguous, same device: (row, column) of each patch's top-left corner.
+    out: Tensor[N, 3, P, P] float32/float16/bfloat16/float64 (any strides), written in place and returned.
+    norm: Tensor[6] (mean then std, in [0, 1] units, float64 for float64 images else float32) or None for
+    no normalisation. All tensors on one CUDA device, or CPU tensors under TRITON_INTERPRET=1.
+    """
+    n, _, h, w = images.shape
+    p = out.shape[-1]
+    if n == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(p * p))
+    grid = (n * 3, triton.cdiv(p * p, block))
+    _focus_crop_kernel[grid](
+        images, corners, out, h, w,
+        *images.stride(), *out.stride(), norm if norm is not None else out,
+        IS_UINT8=images.dtype == torch.uint8, NORMALISE=norm is not None,
+        COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
+    )
+    return out
+
+
+def focus_crop_ref(images, actions, patch_size, mean=None, std=None, out_dtype=None, channels_last=False):
+    """Plain-PyTorch focus crop: the definition the kernels are tested against.
+
+    images: Tensor[N, 3, H, W] (any strides), uint8 or float. actions: Tensor[N, 2] in [0, 1], (row, column).
+    The corner is ``floor(actions * (S - P))`` computed in the actions' dtype, exactly as the GFNet reference
+    does it. Returns Tensor[N, 3, P, P] in ``out_dtype`` (default: float32 for uint8 input, else the input's).
+    """
+    n, _, h, w = images.shape
+    p = patch_size
+    corner_y = torch.floor(actions[:, 0] * (h - p)).long()
+    corner_x = torch.floor(actions[:, 1] * (w - p)).long()
+    idx = torch.arange(p, device=images.device)
+    rows = (corner_y[:, None] + idx).view(n, 1, p, 1)
+    cols = (corner_x[:, None] + idx).view(n, 1, 1, p)
+    x = images[torch.arange(n, device=images.device).view(n, 1, 1, 1),
+               torch.arange(3, device=images.device).view(1, 3, 1, 1), rows, cols]
+    compute = torch.float64 if images.dtype == torch.float64 else torch.float32
+    x = x.to(compute)
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    if mean is not None:
+        x = (x - torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)) \
+            / torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
+    if out_dtype is None:
+        out_dtype = images.dtype if images.dtype.is_floating_point else torch.float32
+    out = x.to(out_dtype)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
