@@ -133,3 +133,10 @@ def test_flops_are_cumulative_and_match_the_encoder():
     assert abs(f["model_flops"] / 4.09e9 - (96 / 224) ** 2) < 0.02
     steps = [b - a for a, b in zip(f["flops"], f["flops"][1:])]
     assert all(s == f["model_flops"] + f["policy_flops"] + f["fc_flops"] for s in steps)
+
+
+def test_float64_models_run_both_classifier_kinds():
+    for kind in ("gru", "cascade"):
+        net = gfnet.build_model("resnet18", patch_size=32, T=3, num_classes=4, classifier=kind).double().eval()
+        out = net.anytime_predict(torch.randn(2, 3, 48, 48, dtype=torch.float64))
+        assert out.probs.shape == (3, 2, 4)

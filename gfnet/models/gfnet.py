@@ -129,13 +129,17 @@ class GFNet(nn.Module):
 
     def focus_input(self, images: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Full-resolution patches at top-left corners floor(actions * (S - P)), Tensor[N, 3, P, P]."""
+        # validate=False: the actions come from a sigmoid or a clamp, and checking them would cost a
+        # host sync per step on CUDA; the kernels clamp the corners anyway.
         return ops.focus_crop(images, actions, self.patch_size, out_dtype=self._input_dtype(images),
-                              **self._norm_args(images))
+                              validate=False, **self._norm_args(images))
 
     # ----------------------------------------------------------------------------- steps
     def init_state(self, n: int, device=None) -> GFNetState:
-        device = device if device is not None else next(self.parameters()).device
-        return GFNetState(self.fc.init_state(n, device), self.policy.init_hidden(n, device))
+        param = next(self.parameters())
+        device = device if device is not None else param.device
+        return GFNetState(self.fc.init_state(n, device, param.dtype),
+                          self.policy.init_hidden(n, device, param.dtype))
 
     def step(self, t: int, images: torch.Tensor, state: Optional[GFNetState] = None,
              actions: Optional[torch.Tensor] = None, explore_std: float = 0.0,
@@ -162,7 +166,7 @@ class GFNet(nn.Module):
             logits, fc_hidden = self.fc(pooled, state.fc_hidden, 0)
             if self.config.glance_head == "backbone" or logits is None:
                 logits = self.model_prime.head(pooled)
-            new_state = GFNetState(fc_hidden, self.policy.init_hidden(images.shape[0], images.device), fmap)
+            new_state = GFNetState(fc_hidden, torch.zeros_like(state.policy_hidden), fmap)
             return StepOutput(logits, new_state, pooled)
         mean = value = None
         policy_hidden = state.policy_hidden
@@ -224,6 +228,12 @@ class GFNet(nn.Module):
         self.model_prime.to(memory_format=torch.channels_last)
         self.model.to(memory_format=torch.channels_last)
         return self
+
+    def budgeted_predict(self, images_or_loader, thresholds, batch_size: int = 64, **kwargs):
+        """Real early exit with continuous batching: see :func:`gfnet.engine.budgeted_predict`."""
+        from gfnet.engine import budgeted_predict
+
+        return budgeted_predict(self, images_or_loader, thresholds, batch_size=batch_size, **kwargs)
 
 
 def build_model(arch: str, patch_size: int = 96, T: int = 5, num_classes: int = 1000,

@@ -1,0 +1,64 @@
+"""`gfnet-eval`: the reference inference.py's eval modes, and real early exit.
+
+    gfnet-eval --checkpoint PATH --eval-mode 0
+    gfnet-eval --checkpoint PATH --eval-mode 1 --data ROOT [--real-exit] [--write]
+    gfnet-eval --checkpoint PATH --eval-mode 2 --data ROOT [--train-subset N] [--real-exit] [--write]
+
+Mode 0 prints what the checkpoint stores; mode 1 evaluates its stored thresholds on ROOT/val; mode 2 fits
+the thresholds on a random subset of ROOT/train first. The logic is gfnet.evaluation.evaluate_checkpoint.
+
+--write is off by default: an evaluation should not silently change a released checkpoint's published
+numbers (for instance after evaluating on a subset or another dataset); ask for it explicitly. The file
+is then replaced atomically (temporary file + os.replace).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gfnet.evaluation import DEFAULT_REAL_EXIT_POINTS, DEFAULT_TRAIN_SUBSET, evaluate_checkpoint
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gfnet-eval", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a .pth.tar checkpoint (reference or gfnet format)")
+    p.add_argument("--eval-mode", type=int, choices=(0, 1, 2), required=True,
+                   help="0: print stored results; 1: stored thresholds on ROOT/val; "
+                        "2: fit thresholds on a training subset, then evaluate on ROOT/val")
+    p.add_argument("--data", default=None, help="ImageNet-layout root holding train/ and val/ (modes 1, 2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k> (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="autocast dtype (default fp32)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help=f"training images to fit thresholds on (mode 2; default min(len, {DEFAULT_TRAIN_SUBSET}))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random training subset")
+    p.add_argument("--real-exit", action="store_true",
+                   help="also run real early exit (budgeted_predict) at a few budgets and report images/s")
+    p.add_argument("--real-exit-points", type=int, nargs="+", default=list(DEFAULT_REAL_EXIT_POINTS),
+                   help="budget points p (q = p/20, 1..39) that --real-exit measures")
+    p.add_argument("--backend", choices=("dali", "torchvision"), default="dali", help="data pipeline")
+    p.add_argument("--num-threads", type=int, default=None, help="data pipeline threads / workers")
+    p.add_argument("--write", action="store_true",
+                   help="store anytime_classification, budgeted_batch_classification (and in mode 2 "
+                        "dynamic_threshold) into the checkpoint, atomically (off by default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.eval_mode in (1, 2) and args.data is None:
+        print(f"gfnet-eval: error: --eval-mode {args.eval_mode} needs --data ROOT", file=sys.stderr)
+        return 2
+    try:
+        evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
+                            device=args.device, dtype=args.dtype, train_subset=args.train_subset,
+                            real_exit=args.real_exit, backend=args.backend, write=args.write, seed=args.seed,
+                            real_exit_points=args.real_exit_points, num_threads=args.num_threads)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"gfnet-eval: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
