@@ -1,0 +1,87 @@
+"""torch.distributed set-up for training: one process per device, launched by torchrun (or alone).
+
+``torchrun --nproc-per-node K -m gfnet.cli.train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK and
+MASTER_ADDR/PORT; :func:`init_distributed` reads them and opens the process group (NCCL for CUDA
+devices, gloo for the CPU). Without them the same code runs as a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistributedContext", "init_distributed", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: rank among world_size processes, its device, the backend (or None)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over all processes (in place; returned for chaining)."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_object(self, obj):
+        """list of every process's ``obj`` (rank order); [obj] on one process."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def resolve_device(device=None, local_rank: int = 0) -> torch.device:
+    """``device`` as a torch.device; None picks this process's CUDA device when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} asked for, but this torch sees no CUDA GPU; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device=None) -> DistributedContext:
+    """Open the process group when launched by torchrun (WORLD_SIZE > 1), else a single-process context.
+
+    Args:
+        device: "cpu", "cuda", "cuda:K" or None (CUDA when present). Under torchrun each process takes
+            ``cuda:LOCAL_RANK``; the backend is NCCL on CUDA and gloo on the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size <= 1:
+        return DistributedContext(0, 1, 0, dev, None)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)

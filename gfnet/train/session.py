@@ -1,0 +1,111 @@
+"""One training run on an ImageNet-layout folder: what ``gfnet-train`` does, callable from Python."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed
+
+from gfnet.models.gfnet import GFNet, build_model
+from gfnet.train.distributed import init_distributed
+from gfnet.train.trainer import TrainOptions, Trainer
+from gfnet.train.weights import load_backbone_weights
+
+__all__ = ["build_training_model", "train_imagefolder"]
+
+log = logging.getLogger("gfnet.train")
+
+
+def build_training_model(arch: str, patch_size: int, T: int, stage: int, num_classes: Optional[int] = None,
+                         init_global: Optional[str] = None, init_local: Optional[str] = None,
+                         checkpoint: Optional[str] = None, classifier: Optional[str] = None) -> GFNet:
+    """The network a stage starts from.
+
+    Stage 1 builds ``arch`` and loads backbone initialisations (plain state dicts: torchvision/timm
+    names, ``module.`` prefix allowed, RegNet pycls names mapped) into the global (``init_global``) and
+    local (``init_local``) encoders; stages 2 and 3 continue from the previous stage's ``checkpoint``
+    (reference format), which must match ``arch``, ``patch_size`` and ``T``.
+    """
+    from gfnet.checkpoint import load_checkpoint
+
+    if stage == 1:
+        if checkpoint:
+            net = load_checkpoint(checkpoint)
+        else:
+            if num_classes is None:
+                raise ValueError("stage 1 from backbones needs the number of classes")
+            net = build_model(arch, patch_size=patch_size, T=T, num_classes=num_classes, classifier=classifier)
+            for path, encoder, name in ((init_global, net.model_prime, "global"), (init_local, net.model, "local")):
+                if path:
+                    info = load_backbone_weights(encoder, path)
+                    if info["skipped_head"]:
+                        log.info("%s encoder: %s's head has another class count; kept a fresh head",
+                                 name, path)
+                else:
+                    log.warning("no --init-%s: the %s encoder starts from random weights (the reference "
+                                "starts both encoders from ImageNet-trained backbones)", name, name)
+    else:
+        if not checkpoint:
+            raise ValueError(f"stage {stage} continues a previous stage: give --checkpoint PATH "
+                             "(the checkpoint.pth.tar or model_best.pth.tar of the stage before)")
+        if init_global or init_local:
+            raise ValueError("--init-global/--init-local only start stage 1; stages 2 and 3 take --checkpoint")
+        net = load_checkpoint(checkpoint)
+    if checkpoint:
+        mismatch = [f"{k} {have} (file) vs {want} (asked)" for k, have, want in
+                    (("arch", net.arch, arch), ("patch size", net.patch_size, patch_size), ("T", net.T, T))
+                    if want is not None and have != want]
+        if mismatch:
+            raise ValueError(f"{checkpoint} does not match this run: " + "; ".join(mismatch))
+        # Evaluation results of an earlier stage describe other weights.
+        for k in ("anytime_classification", "dynamic_threshold", "budgeted_batch_classification"):
+            net.meta.pop(k, None)
+    return net
+
+
+def train_imagefolder(data: str, arch: str, patch_size: int, T: int, stage: int, out: str,
+                      options: Optional[TrainOptions] = None, init_global: Optional[str] = None,
+                      init_local: Optional[str] = None, checkpoint: Optional[str] = None,
+                      resume: Optional[str] = None, backend: str = "dali", workers: Optional[int] = None,
+                      device=None, validate: bool = True, uint8: bool = True) -> list[dict]:
+    """Train one stage on ``data/{train,val}/<class>/<image>`` and write checkpoints to ``out``.
+
+    Works the same on one process and under ``torchrun`` (one process per GPU; each reads its shard;
+    ``options.batch_size`` is the global batch, split evenly). ``uint8=True`` has the loader hand
+    uint8 images to the fused glance/focus ops, which normalise them in their own pass.
+
+    Returns the per-epoch history (loss, train and validation anytime accuracy, images/s).
+    """
+    from gfnet.data import make_loader
+
+    options = options or TrainOptions(stage=stage)
+    if options.stage != stage:
+        options = TrainOptions(**{**options.__dict__, "stage": stage})
+    ctx = init_distributed(device)
+    torch.manual_seed(options.seed)
+    probe = None
+    num_classes = None
+    if stage == 1 and not checkpoint:
+        probe = make_loader(data, train=True, batch_size=1, backend="torchvision", num_threads=0)
+        num_classes = len(probe.classes)
+    net = build_training_model(arch, patch_size, T, stage, num_classes, init_global, init_local, checkpoint)
+    resolved = options.resolved(net)
+    if resolved.batch_size % ctx.world_size:
+        raise ValueError(f"batch size {resolved.batch_size} does not split over {ctx.world_size} processes")
+    per_process = resolved.batch_size // ctx.world_size
+    loader_args = dict(batch_size=per_process, image_size=net.image_size, crop_pct=net.config.crop_pct,
+                       interpolation=net.config.dataset_interpolation, backend=backend,
+                       device=ctx.device, num_threads=workers, shard_id=ctx.rank, num_shards=ctx.world_size,
+                       seed=options.seed, output="uint8" if uint8 else "float")
+    train_loader = make_loader(data, train=True, **loader_args)
+    val_loader = None
+    if validate and os.path.isdir(os.path.join(data, "val")):
+        val_loader = make_loader(data, train=False, **loader_args)
+    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx)
+    try:
+        return trainer.fit(train_loader, val_loader, resume=resume)
+    finally:
+        if ctx.enabled:
+            torch.distributed.destroy_process_group()
