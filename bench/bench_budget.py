@@ -30,7 +30,6 @@ load average: the machine may be shared); ``gfnet-bench budget`` calls it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from gfnet.bench.common import environment, resolve_device
+from gfnet.bench.common import environment, resolve_device, write_outputs
 
 DEFAULT_POINTS = (5, 15, 25, 35)
 
@@ -202,13 +201,7 @@ def main(argv=None) -> int:
     rows = run(args.device, args.quick, arch=args.arch, batch_size=args.batch_size, num_images=args.images,
                repeats=args.repeats)
     text = to_markdown(rows)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-    if args.md:
-        with open(args.md, "w") as fh:
-            fh.write(text)
+    write_outputs(rows, text, args.json, args.md)
     return 0
 
 

@@ -17,7 +17,6 @@ CPU model, DALI/torchvision/Pillow versions and the load average: the machine ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import time
 
 import torch
 
-from gfnet.bench.common import environment, resolve_device
+from gfnet.bench.common import environment, resolve_device, write_outputs
 
 PROVIDERS = ("torchvision", "dali")
 
@@ -168,13 +167,7 @@ def main(argv=None) -> int:
     rows = run(args.device, args.quick, images=args.images, batch_size=args.batch_size,
                num_threads=args.num_threads, repeats=args.repeats)
     table = markdown(rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-    if args.md:
-        with open(args.md, "w") as fh:
-            fh.write(table)
+    write_outputs(rows, table, args.json, args.md)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gfnet.bench.common import environment, resolve_device, time_call
+from gfnet.bench.common import environment, resolve_device, time_call, write_outputs
 
 __all__ = ["ReferenceTrainStep", "run", "markdown", "main"]
 
@@ -212,13 +211,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rows = run(args.device, args.quick)
     table = markdown(rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-    if args.md:
-        with open(args.md, "w") as fh:
-            fh.write(table)
+    write_outputs(rows, table, args.json, args.md)
     return 0
 
 

@@ -56,3 +56,16 @@ def time_call(fn: Callable[[], object], device: torch.device, min_time: float = 
         times.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "runs": len(times)}
+
+
+def write_outputs(rows: list, table: str, json_path: Optional[str] = None, md_path: Optional[str] = None) -> None:
+    """Print a suite's table and write its rows (JSON) and table (markdown) where asked."""
+    import json
+
+    print(table)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    if md_path:
+        with open(md_path, "w") as fh:
+            fh.write(table)

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from collections import OrderedDict
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 

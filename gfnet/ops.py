@@ -402,7 +402,7 @@ def glance_resize(images: torch.Tensor, size: int, mode: str = "bicubic", mean: 
     (the kernels interpolate the raw values and normalise once per output pixel). Gradient: to float images
     (the interpolation's adjoint).
     """
-    x = _check_images(images)
+    _check_images(images)
     size = _check_size("size", size)
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear'; got {mode!r}")

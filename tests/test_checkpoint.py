@@ -1,6 +1,5 @@
 """Reference-format checkpoints: key layouts, and outputs equal to the reference's inference loop."""
 import math
-import os
 
 import pytest
 import torch
