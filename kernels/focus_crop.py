@@ -6,7 +6,7 @@ one sample's patch; the corners come in as an int32 tensor so no value ever visi
 """
 import torch
 
-from gfnet.kernels._cast import cast_out
+from gfnet.kernels._cast import cast_out, normalise
 from gfnet.kernels._triton import tl, triton
 
 
@@ -38,20 +38,7 @@ def _focus_crop_kernel(
         v = v.to(tl.float64)
     else:
         v = v.to(tl.float32)
-    # The same operations in the same order as the reference, so that the results are bit-identical:
-    # x / 255 for uint8, then (x - mean) / std, each correctly rounded (Triton's plain `/` on float32 is an
-    # approximate division on the GPU; div_rn is the IEEE one).
-    if IS_UINT8:
-        v = tl.math.div_rn(v, 255.0)
-    if NORMALISE:
-        # mean and std come from memory, not as scalar arguments: Triton types Python floats as float32,
-        # which would round a float64 computation's constants.
-        m = tl.load(norm_ptr + c)
-        s = tl.load(norm_ptr + 3 + c)
-        if COMPUTE_F64:
-            v = (v - m) / s
-        else:
-            v = tl.math.div_rn(v - m, s)
+    v = normalise(v, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
     dst = out_ptr + n * son + c * soc + i.to(tl.int64) * soh + j.to(tl.int64) * sow
     tl.store(dst, cast_out(v, OUT_DTYPE), mask=mask)
 

@@ -12,7 +12,7 @@ normalisations per channel.
 import torch
 import torch.nn.functional as F
 
-from gfnet.kernels._cast import cast_out
+from gfnet.kernels._cast import cast_out, normalise
 from gfnet.kernels._triton import tl, triton
 
 
@@ -91,15 +91,7 @@ def _glance_resize_kernel(
         v10 = tl.load(base + row1 + col0, mask=mask, other=0).to(ty.dtype)
         v11 = tl.load(base + row1 + col1, mask=mask, other=0).to(ty.dtype)
         acc = (1.0 - ty) * ((1.0 - tx) * v00 + tx * v01) + ty * ((1.0 - tx) * v10 + tx * v11)
-    if IS_UINT8:
-        acc = tl.math.div_rn(acc, 255.0)
-    if NORMALISE:
-        m = tl.load(norm_ptr + c)
-        s = tl.load(norm_ptr + 3 + c)
-        if COMPUTE_F64:
-            acc = (acc - m) / s
-        else:
-            acc = tl.math.div_rn(acc - m, s)
+    acc = normalise(acc, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
     dst = out_ptr + n * son + c * soc + oy.to(tl.int64) * soh + ox.to(tl.int64) * sow
     tl.store(dst, cast_out(acc, OUT_DTYPE), mask=mask)
 
