@@ -7,6 +7,7 @@ one sample's patch; the corners come in as an int32 tensor so no value ever visi
 import torch
 
 from gfnet.kernels._cast import cast_out, normalise
+from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
@@ -87,14 +88,6 @@ def focus_crop_ref(images, actions, patch_size, mean=None, std=None, out_dtype=N
     cols = (corner_x[:, None] + idx).view(n, 1, 1, p)
     x = images[torch.arange(n, device=images.device).view(n, 1, 1, 1),
                torch.arange(3, device=images.device).view(1, 3, 1, 1), rows, cols]
-    compute = torch.float64 if images.dtype == torch.float64 else torch.float32
-    x = x.to(compute)
-    if images.dtype == torch.uint8:
-        x = x / 255.0
-    if mean is not None:
-        x = (x - torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)) \
-            / torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
-    if out_dtype is None:
-        out_dtype = images.dtype if images.dtype.is_floating_point else torch.float32
-    out = x.to(out_dtype)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = x.to(compute_dtype(images))
+    x = normalise_ref(x, images.dtype, mean, std)
+    return finish_ref(x, images.dtype, out_dtype, channels_last)

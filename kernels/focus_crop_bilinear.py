@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gfnet.kernels._cast import cast_out
+from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
@@ -187,13 +188,9 @@ def focus_crop_bilinear_ref(images, centers, patch_size, scale=1.0, mean=None, s
     """
     n, _, h, w = images.shape
     p = patch_size
-    compute = torch.float64 if images.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(images)
     x = images.to(compute)
-    if images.dtype == torch.uint8:
-        x = x / 255.0
-    if mean is not None:
-        x = (x - torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)) \
-            / torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
+    x = normalise_ref(x, images.dtype, mean, std)
     c = centers.to(compute)
     steps = (torch.arange(p, dtype=compute, device=x.device) - (p - 1) * 0.5) * scale
     # grid_sample with align_corners=True maps -1 and 1 to the centers of the first and last pixels.
@@ -201,7 +198,4 @@ def focus_crop_bilinear_ref(images, centers, patch_size, scale=1.0, mean=None, s
     gx = (c[:, 1:2] * (w - 1) + steps) * (2.0 / (w - 1)) - 1.0
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    if out_dtype is None:
-        out_dtype = images.dtype if images.dtype.is_floating_point else torch.float32
-    out = out.to(out_dtype)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return finish_ref(out, images.dtype, out_dtype, channels_last)

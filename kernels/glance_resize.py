@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gfnet.kernels._cast import cast_out, normalise
+from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
@@ -129,15 +130,8 @@ def glance_resize_ref(images, size, mode="bicubic", mean=None, std=None, out_dty
     images: Tensor[N, 3, H, W] (any strides), uint8 or float; computed in float32 (float64 for float64
     input). Returns Tensor[N, 3, size, size] in ``out_dtype`` (default: float32 for uint8, else the input's).
     """
-    compute = torch.float64 if images.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(images)
     x = images.to(compute)
     x = F.interpolate(x, size=(size, size), mode=mode, align_corners=True)
-    if images.dtype == torch.uint8:
-        x = x / 255.0
-    if mean is not None:
-        x = (x - torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)) \
-            / torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
-    if out_dtype is None:
-        out_dtype = images.dtype if images.dtype.is_floating_point else torch.float32
-    out = x.to(out_dtype)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = normalise_ref(x, images.dtype, mean, std)
+    return finish_ref(x, images.dtype, out_dtype, channels_last)

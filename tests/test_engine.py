@@ -8,17 +8,7 @@ from gfnet import budget
 from gfnet.engine import BudgetedPrediction, budgeted_predict, step_flops
 
 
-@pytest.fixture(autouse=True)
-def native_cpu_convolutions():
-    # oneDNN builds its kernels anew for every batch shape (seconds each on a 2-core machine), and
-    # budgeted inference meets several shapes (partial batches); the native path has no such start-up
-    # cost on these tiny models. The property under test does not depend on the convolution backend.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+pytestmark = pytest.mark.usefixtures("native_cpu_convolutions")
 
 
 def make_net(arch, classifier=None, T=3, double=False, seed=0):

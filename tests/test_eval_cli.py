@@ -12,15 +12,7 @@ from gfnet.evaluation import evaluate_checkpoint
 T = 3
 
 
-@pytest.fixture(autouse=True)
-def native_cpu_convolutions():
-    # see tests/test_engine.py: oneDNN's per-shape start-up costs seconds on a 2-core machine
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+pytestmark = pytest.mark.usefixtures("native_cpu_convolutions")
 
 
 @pytest.fixture(scope="module")
