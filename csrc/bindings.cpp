@@ -3,12 +3,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gfnet's C++ extension: CPU crop/resize kernels and the early-exit batch scheduler";
-  register_crop(m);
+  register_focus_crop(m);
+  register_glance_resize(m);
+  register_focus_crop_bilinear(m);
   register_scheduler(m);
-  m.attr("with_cuda") =
-#ifdef GFNET_WITH_CUDA
-      true;
-#else
-      false;
-#endif
 }

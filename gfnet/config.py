@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["BackboneConfig", "TrainConfig", "REFERENCE_ARCHS", "get_config", "derive_config"]
+__all__ = ["BackboneConfig", "TrainConfig", "REFERENCE_ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "get_config",
+           "derive_config"]
+
+# ImageNet's per-channel mean and std in [0, 1] units, the normalisation of every reference backbone (kept in
+# each BackboneConfig, as timm keeps it in its pretrained configs; this is the one definition of the numbers).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class BackboneConfig:
             (from the global encoder's own head, the GRU/cascade still consumes the glance).
         head_attr: attribute path of the backbone's own linear head (deep supervision).
         image_size: full-resolution input size S; crop_pct: the validation centre-crop ratio.
+        mean, std: the input normalisation in [0, 1] units (ImageNet's for every reference backbone).
         dataset_interpolation: resize filter of the data pipeline.
         prime_interpolation: glance resize filter at evaluation (the reference's ``prime_interpolation``).
         drop_rate / drop_path_rate: dropout on pooled features and stochastic depth in training.
@@ -78,6 +85,8 @@ class BackboneConfig:
     head_attr: str
     image_size: int = 224
     crop_pct: float = 0.875
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
     dataset_interpolation: str = "bilinear"
     prime_interpolation: str = "bicubic"
     drop_rate: float = 0.0

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from gfnet import budget
+from gfnet.engine import budgeted_predict
 
 __all__ = ["EvaluationResult", "RealExitRow", "checkpoint_summary", "collect_confidences", "evaluate_checkpoint",
            "DEFAULT_TRAIN_SUBSET", "DEFAULT_REAL_EXIT_POINTS"]
@@ -240,7 +241,7 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
             if not 1 <= p <= thresholds.shape[0]:
                 raise ValueError(f"real-exit points must be in 1..{thresholds.shape[0]}, got {p}")
             row = thresholds[p - 1]
-            out = net.budgeted_predict(val_loader, row, batch_size=batch_size, dtype=dtype, flops=flops)
+            out = budgeted_predict(net, val_loader, row, batch_size=batch_size, dtype=dtype, flops=flops)
             simulated = budget.exit_steps(val_confidences, row)
             simulated_preds = val_confidences[1].gather(0, simulated.view(1, -1)).squeeze(0)
             same = bool(torch.equal(out.exit_step, simulated) and torch.equal(out.preds, simulated_preds))

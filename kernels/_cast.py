@@ -4,6 +4,8 @@ Triton's interpreter (TRITON_INTERPRET=1, how the tests run every kernel on the 
 bfloat16 by truncation, while the GPU and torch round to nearest even. Rounding the float32 bits by hand
 first makes the final conversion exact, so a bf16 output is bit-identical to ``x.to(torch.bfloat16)`` under
 both the GPU compiler and the interpreter (a few integer operations on a memory-bound kernel cost nothing).
+NaN needs its own case: adding the rounding bias to a NaN's bits carries into the sign and exponent (the
+GPU's canonical NaN 0x7FFFFFFF would become -0.0), so NaNs are written as torch writes them (0x7FC0).
 """
 from gfnet.kernels._triton import tl, triton
 
@@ -12,11 +14,23 @@ from gfnet.kernels._triton import tl, triton
 def cast_out(v, OUT_DTYPE: tl.constexpr):
     """Tensor[BLOCK] float32/float64 -> OUT_DTYPE, rounding to nearest even on every backend."""
     if OUT_DTYPE == tl.bfloat16:
-        u = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        f = v.to(tl.float32)
+        u = f.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        u = tl.where(f != f, 0x7FC00000, u)
         return u.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return v.to(OUT_DTYPE)
+
+
+@triton.jit
+def div_ieee(a, b, COMPUTE_F64: tl.constexpr):
+    """a / b correctly rounded: Triton's ``/`` on float32 compiles to an approximate division on the GPU
+    (div.full.f32); div_rn is the IEEE one. float64 division is IEEE already."""
+    if COMPUTE_F64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -29,12 +43,9 @@ def normalise(v, norm_ptr, c, IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, C
     arguments: Triton types Python floats as float32, which would round a float64 computation's constants.
     """
     if IS_UINT8:
-        v = tl.math.div_rn(v, 255.0)
+        v = div_ieee(v, 255.0, COMPUTE_F64)
     if NORMALISE:
         m = tl.load(norm_ptr + c)
         s = tl.load(norm_ptr + 3 + c)
-        if COMPUTE_F64:
-            v = (v - m) / s
-        else:
-            v = tl.math.div_rn(v - m, s)
+        v = div_ieee(v - m, s, COMPUTE_F64)
     return v

@@ -8,9 +8,13 @@ def compute_dtype(images: torch.Tensor) -> torch.dtype:
 
 
 def normalise_ref(x: torch.Tensor, source_dtype: torch.dtype, mean, std) -> torch.Tensor:
-    """x / 255 when the source was uint8, then (x - mean) / std per channel (in that order, as the kernels)."""
+    """x / 255 when the source was uint8, then (x - mean) / std per channel (in that order, as the kernels).
+
+    Every division is by a tensor, never by a Python scalar: ATen on CUDA turns division by a scalar into a
+    multiplication by its reciprocal (one ulp off x / 255 for about half the byte values), while division by a
+    tensor is correctly rounded on every device, as the kernels' divisions are."""
     if source_dtype == torch.uint8:
-        x = x / 255.0
+        x = x / torch.tensor(255.0, dtype=x.dtype, device=x.device)
     if mean is not None:
         x = (x - torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)) \
             / torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

@@ -21,11 +21,11 @@ def _focus_crop_kernel(
     IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, COMPUTE_F64: tl.constexpr,
     OUT_DTYPE: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # One program copies a block of patch pixels of one sample, all three channels: the corner and the
+    # offsets are computed once, and an HWC batch's three bytes of a pixel share a cache line.
     # P is a compile-time constant (GFNet uses 96, 128 or 144): the per-element // and % by it become
     # multiply-shifts instead of integer divisions.
-    pid_nc = tl.program_id(0)
-    n = (pid_nc // 3).to(tl.int64)  # int64: batch * image offsets overflow int32 past ~14k images of 224^2
-    c = pid_nc % 3
+    n = tl.program_id(0).to(tl.int64)  # int64: batch * image offsets overflow int32 past ~14k images of 224^2
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P * P
     i = offs // P
@@ -33,15 +33,16 @@ def _focus_crop_kernel(
     # Clamped so that an unvalidated action (NaN, out of [0, 1]) can never read outside the image.
     y0 = tl.minimum(tl.maximum(tl.load(corner_ptr + 2 * n), 0), H - P)
     x0 = tl.minimum(tl.maximum(tl.load(corner_ptr + 2 * n + 1), 0), W - P)
-    src = x_ptr + n * sxn + c * sxc + (y0 + i).to(tl.int64) * sxh + (x0 + j).to(tl.int64) * sxw
-    v = tl.load(src, mask=mask, other=0)
-    if COMPUTE_F64:
-        v = v.to(tl.float64)
-    else:
-        v = v.to(tl.float32)
-    v = normalise(v, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
-    dst = out_ptr + n * son + c * soc + i.to(tl.int64) * soh + j.to(tl.int64) * sow
-    tl.store(dst, cast_out(v, OUT_DTYPE), mask=mask)
+    src = x_ptr + n * sxn + (y0 + i).to(tl.int64) * sxh + (x0 + j).to(tl.int64) * sxw
+    dst = out_ptr + n * son + i.to(tl.int64) * soh + j.to(tl.int64) * sow
+    for c in tl.static_range(3):
+        v = tl.load(src + c * sxc, mask=mask, other=0)
+        if COMPUTE_F64:
+            v = v.to(tl.float64)
+        else:
+            v = v.to(tl.float32)
+        v = normalise(v, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
+        tl.store(dst + c * soc, cast_out(v, OUT_DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -62,7 +63,7 @@ def focus_crop_triton(images, corners, out, norm=None):
     if n == 0:
         return out
     block = min(1024, triton.next_power_of_2(p * p))
-    grid = (n * 3, triton.cdiv(p * p, block))
+    grid = (n, triton.cdiv(p * p, block))
     _focus_crop_kernel[grid](
         images, corners, out, h, w,
         *images.stride(), *out.stride(), norm if norm is not None else out,
@@ -70,6 +71,15 @@ def focus_crop_triton(images, corners, out, norm=None):
         COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out
+
+
+def focus_corners(actions, image_size, patch_size):
+    """GFNet's patch corner, the one definition every crop uses: ``floor(a * (S - P))`` computed in the
+    actions' dtype, as the reference computes it, then int32 (a[:, 0] the row, a[:, 1] the column).
+
+    actions: Tensor[N, 2] float in [0, 1]; image_size: S; patch_size: P. Returns Tensor[N, 2] int32 on the
+    actions' device (no host synchronisation)."""
+    return torch.floor(actions * (image_size - patch_size)).to(torch.int32)
 
 
 def focus_crop_ref(images, actions, patch_size, mean=None, std=None, out_dtype=None, channels_last=False):
@@ -81,11 +91,10 @@ def focus_crop_ref(images, actions, patch_size, mean=None, std=None, out_dtype=N
     """
     n, _, h, w = images.shape
     p = patch_size
-    corner_y = torch.floor(actions[:, 0] * (h - p)).long()
-    corner_x = torch.floor(actions[:, 1] * (w - p)).long()
+    corners = focus_corners(actions, h, p).long()
     idx = torch.arange(p, device=images.device)
-    rows = (corner_y[:, None] + idx).view(n, 1, p, 1)
-    cols = (corner_x[:, None] + idx).view(n, 1, 1, p)
+    rows = (corners[:, 0:1] + idx).view(n, 1, p, 1)
+    cols = (corners[:, 1:2] + idx).view(n, 1, 1, p)
     x = images[torch.arange(n, device=images.device).view(n, 1, 1, 1),
                torch.arange(3, device=images.device).view(1, 3, 1, 1), rows, cols]
     x = x.to(compute_dtype(images))

@@ -16,14 +16,22 @@ one-sided at integer positions as grid_sample's).
 import torch
 import torch.nn.functional as F
 
-from gfnet.kernels._cast import cast_out
+from gfnet.kernels._cast import cast_out, div_ieee
 from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
 @triton.jit
+def _normalised(v, m, s, IS_UINT8: tl.constexpr, COMPUTE_F64: tl.constexpr):
+    # (v / 255 - mean) / std with correctly rounded divisions, as the reference (and the other kernels).
+    if IS_UINT8:
+        v = div_ieee(v, 255.0, COMPUTE_F64)
+    return div_ieee(v - m, s, COMPUTE_F64)
+
+
+@triton.jit
 def _sample_taps(x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw,
-                 IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, P: tl.constexpr):
+                 IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, COMPUTE_F64: tl.constexpr, P: tl.constexpr):
     # For a block of patch pixels: the upper-left tap (y0, x0), the fractions, each tap's validity and its
     # normalised value. The compute dtype is the centers' (float64 or float32). The validity masks are what
     # keeps every load inside the image, whatever the centers hold (NaN and huge values included).
@@ -40,10 +48,6 @@ def _sample_taps(x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sx
     y0 = yf.to(tl.int32)
     x0 = xf.to(tl.int32)
     base = x_ptr + n * sxn + c * sxc
-    if IS_UINT8:
-        div = 255.0
-    else:
-        div = 1.0
     if NORMALISE:
         m = tl.load(params_ptr + c)
         s = tl.load(params_ptr + 3 + c)
@@ -63,10 +67,14 @@ def _sample_taps(x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sx
     k10 = mask & vy1 & vx0
     k11 = mask & vy1 & vx1
     # Zero padding in the normalised image, as grid_sample over a normalised batch pads.
-    v00 = tl.where(k00, (tl.load(base + o00, mask=k00, other=0).to(y.dtype) / div - m) / s, 0.0)
-    v01 = tl.where(k01, (tl.load(base + o01, mask=k01, other=0).to(y.dtype) / div - m) / s, 0.0)
-    v10 = tl.where(k10, (tl.load(base + o10, mask=k10, other=0).to(y.dtype) / div - m) / s, 0.0)
-    v11 = tl.where(k11, (tl.load(base + o11, mask=k11, other=0).to(y.dtype) / div - m) / s, 0.0)
+    v00 = tl.where(k00, _normalised(tl.load(base + o00, mask=k00, other=0).to(y.dtype), m, s, IS_UINT8,
+                                    COMPUTE_F64), 0.0)
+    v01 = tl.where(k01, _normalised(tl.load(base + o01, mask=k01, other=0).to(y.dtype), m, s, IS_UINT8,
+                                    COMPUTE_F64), 0.0)
+    v10 = tl.where(k10, _normalised(tl.load(base + o10, mask=k10, other=0).to(y.dtype), m, s, IS_UINT8,
+                                    COMPUTE_F64), 0.0)
+    v11 = tl.where(k11, _normalised(tl.load(base + o11, mask=k11, other=0).to(y.dtype), m, s, IS_UINT8,
+                                    COMPUTE_F64), 0.0)
     return i, j, y0, x0, ly, lx, k00, k01, k10, k11, v00, v01, v10, v11, s
 
 
@@ -76,8 +84,8 @@ def _focus_crop_bilinear_fwd_kernel(
     H, W,
     sxn, sxc, sxh, sxw,
     son, soc, soh, sow,
-    IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, OUT_DTYPE: tl.constexpr, P: tl.constexpr,
-    BLOCK: tl.constexpr,
+    IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, COMPUTE_F64: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    P: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_nc = tl.program_id(0)
     n = (pid_nc // 3).to(tl.int64)
@@ -85,7 +93,7 @@ def _focus_crop_bilinear_fwd_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P * P
     i, j, _y0, _x0, ly, lx, _k00, _k01, _k10, _k11, v00, v01, v10, v11, _s = _sample_taps(
-        x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw, IS_UINT8, NORMALISE, P)
+        x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw, IS_UINT8, NORMALISE, COMPUTE_F64, P)
     val = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
     dst = out_ptr + n * son + c * soc + i.to(tl.int64) * soh + j.to(tl.int64) * sow
     tl.store(dst, cast_out(val, OUT_DTYPE), mask=mask)
@@ -98,8 +106,8 @@ def _focus_crop_bilinear_bwd_kernel(
     sxn, sxc, sxh, sxw,
     sgn, sgc, sgh, sgw,
     gxn, gxc, gxh, gxw,
-    IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, NEED_IMAGES: tl.constexpr, NEED_CENTERS: tl.constexpr,
-    P: tl.constexpr, BLOCK: tl.constexpr,
+    IS_UINT8: tl.constexpr, NORMALISE: tl.constexpr, COMPUTE_F64: tl.constexpr, NEED_IMAGES: tl.constexpr,
+    NEED_CENTERS: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_nc = tl.program_id(0)
     n = (pid_nc // 3).to(tl.int64)
@@ -107,7 +115,7 @@ def _focus_crop_bilinear_bwd_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P * P
     i, j, y0, x0, ly, lx, k00, k01, k10, k11, v00, v01, v10, v11, s = _sample_taps(
-        x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw, IS_UINT8, NORMALISE, P)
+        x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw, IS_UINT8, NORMALISE, COMPUTE_F64, P)
     g = tl.load(grad_out_ptr + n * sgn + c * sgc + i.to(tl.int64) * sgh + j.to(tl.int64) * sgw,
                 mask=mask, other=0).to(ly.dtype)
     g = tl.where(mask, g, 0.0)
@@ -115,7 +123,7 @@ def _focus_crop_bilinear_bwd_kernel(
         # Neighbouring output pixels share taps, so the scatter needs atomics (the result is deterministic
         # up to the order of float additions). d value / d pixel = 1 / (div * std); div is 1 here because
         # uint8 images carry no gradient.
-        gs = g / s
+        gs = div_ieee(g, s, COMPUTE_F64)
         g00 = grad_x_ptr + n * gxn + c * gxc + y0.to(tl.int64) * gxh + x0.to(tl.int64) * gxw
         tl.atomic_add(g00, gs * (1.0 - ly) * (1.0 - lx), mask=k00)
         tl.atomic_add(g00 + gxw, gs * (1.0 - ly) * lx, mask=k01)
@@ -152,7 +160,7 @@ def focus_crop_bilinear_triton(images, centers, params, out, normalise):
     block = _block(p)
     _focus_crop_bilinear_fwd_kernel[(n * 3, triton.cdiv(p * p, block))](
         images, centers, params, out, h, w, *images.stride(), *out.stride(),
-        IS_UINT8=images.dtype == torch.uint8, NORMALISE=normalise,
+        IS_UINT8=images.dtype == torch.uint8, NORMALISE=normalise, COMPUTE_F64=centers.dtype == torch.float64,
         OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out
@@ -173,7 +181,7 @@ def focus_crop_bilinear_backward_triton(grad_out, images, centers, params, norma
     _focus_crop_bilinear_bwd_kernel[(n * 3, triton.cdiv(p * p, block))](
         images, centers, params, grad_out, gx, grad_centers if grad_centers is not None else params,
         h, w, *images.stride(), *grad_out.stride(), *gx_strides,
-        IS_UINT8=images.dtype == torch.uint8, NORMALISE=normalise,
+        IS_UINT8=images.dtype == torch.uint8, NORMALISE=normalise, COMPUTE_F64=centers.dtype == torch.float64,
         NEED_IMAGES=grad_images is not None, NEED_CENTERS=grad_centers is not None, P=p, BLOCK=block,
     )
 

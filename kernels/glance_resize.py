@@ -58,43 +58,46 @@ def _glance_resize_kernel(
 ):
     # P is a compile-time constant (GFNet uses 96, 128 or 144): the per-element // and % by it become
     # multiply-shifts instead of integer divisions.
-    pid_nc = tl.program_id(0)
-    n = (pid_nc // 3).to(tl.int64)
-    c = pid_nc % 3
+    # One program computes a block of output pixels of one sample, all three channels: the taps and weights
+    # are computed once, and an HWC batch's three bytes of a pixel share a cache line.
+    n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P * P
     oy = offs // P
     ox = offs % P
     iy, ty = _source_index(oy, H, P, COMPUTE_F64)
     ix, tx = _source_index(ox, W, P, COMPUTE_F64)
-    base = x_ptr + n * sxn + c * sxc
+    dst = out_ptr + n * son + oy.to(tl.int64) * soh + ox.to(tl.int64) * sow
     if BICUBIC:
         wy0, wy1, wy2, wy3 = _cubic_weights(ty, -0.75)
         wx0, wx1, wx2, wx3 = _cubic_weights(tx, -0.75)
-        acc = tl.zeros_like(ty)
-        for k in tl.static_range(4):
-            row = tl.minimum(tl.maximum(iy - 1 + k, 0), H - 1).to(tl.int64) * sxh
-            wy = wy0 if k == 0 else (wy1 if k == 1 else (wy2 if k == 2 else wy3))
-            line = tl.zeros_like(tx)
-            for l in tl.static_range(4):
-                col = tl.minimum(tl.maximum(ix - 1 + l, 0), W - 1).to(tl.int64) * sxw
-                wx = wx0 if l == 0 else (wx1 if l == 1 else (wx2 if l == 2 else wx3))
-                v = tl.load(base + row + col, mask=mask, other=0).to(acc.dtype)
-                line += wx * v
-            acc += wy * line
     else:
         row0 = iy.to(tl.int64) * sxh
         row1 = tl.minimum(iy + 1, H - 1).to(tl.int64) * sxh
         col0 = ix.to(tl.int64) * sxw
         col1 = tl.minimum(ix + 1, W - 1).to(tl.int64) * sxw
-        v00 = tl.load(base + row0 + col0, mask=mask, other=0).to(ty.dtype)
-        v01 = tl.load(base + row0 + col1, mask=mask, other=0).to(ty.dtype)
-        v10 = tl.load(base + row1 + col0, mask=mask, other=0).to(ty.dtype)
-        v11 = tl.load(base + row1 + col1, mask=mask, other=0).to(ty.dtype)
-        acc = (1.0 - ty) * ((1.0 - tx) * v00 + tx * v01) + ty * ((1.0 - tx) * v10 + tx * v11)
-    acc = normalise(acc, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
-    dst = out_ptr + n * son + c * soc + oy.to(tl.int64) * soh + ox.to(tl.int64) * sow
-    tl.store(dst, cast_out(acc, OUT_DTYPE), mask=mask)
+    for c in tl.static_range(3):
+        base = x_ptr + n * sxn + c * sxc
+        if BICUBIC:
+            acc = tl.zeros_like(ty)
+            for k in tl.static_range(4):
+                row = tl.minimum(tl.maximum(iy - 1 + k, 0), H - 1).to(tl.int64) * sxh
+                wy = wy0 if k == 0 else (wy1 if k == 1 else (wy2 if k == 2 else wy3))
+                line = tl.zeros_like(tx)
+                for l in tl.static_range(4):
+                    col = tl.minimum(tl.maximum(ix - 1 + l, 0), W - 1).to(tl.int64) * sxw
+                    wx = wx0 if l == 0 else (wx1 if l == 1 else (wx2 if l == 2 else wx3))
+                    v = tl.load(base + row + col, mask=mask, other=0).to(acc.dtype)
+                    line += wx * v
+                acc += wy * line
+        else:
+            v00 = tl.load(base + row0 + col0, mask=mask, other=0).to(ty.dtype)
+            v01 = tl.load(base + row0 + col1, mask=mask, other=0).to(ty.dtype)
+            v10 = tl.load(base + row1 + col0, mask=mask, other=0).to(ty.dtype)
+            v11 = tl.load(base + row1 + col1, mask=mask, other=0).to(ty.dtype)
+            acc = (1.0 - ty) * ((1.0 - tx) * v00 + tx * v01) + ty * ((1.0 - tx) * v10 + tx * v11)
+        acc = normalise(acc, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
+        tl.store(dst + c * soc, cast_out(acc, OUT_DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -114,7 +117,7 @@ def glance_resize_triton(images, out, mode="bicubic", norm=None):
     if n == 0:
         return out
     block = min(512, triton.next_power_of_2(p * p))
-    grid = (n * 3, triton.cdiv(p * p, block))
+    grid = (n, triton.cdiv(p * p, block))
     _glance_resize_kernel[grid](
         images, out, norm if norm is not None else out, h, w,
         *images.stride(), *out.stride(),

@@ -1,10 +1,16 @@
 import os
 
-# Triton kernels run on CPU tensors through Triton's interpreter; it must be set before triton loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter on machines without a GPU. It must be set
+# before triton loads, and only there: on a GPU machine the `cuda` tests must run the compiled kernels (the
+# interpreter would run CUDA tensors through host copies and break CUDA-graph capture).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -23,9 +29,16 @@ def native_cpu_convolutions():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
+    compiled = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1, which is off where a GPU "
+                                       "is present: the cuda tests run the compiled kernels instead")
     for item in items:
         if "cuda" in item.keywords:
-            item.add_marker(skip)
+            if not torch.cuda.is_available():
+                item.add_marker(no_gpu)
+            continue
+        params = getattr(item, "callspec", None)
+        uses_triton_on_cpu = (params is not None and params.params.get("backend") == "triton") or \
+            "triton_interpreted" in item.name
+        if uses_triton_on_cpu and not INTERPRETING:
+            item.add_marker(compiled)

@@ -82,7 +82,7 @@ def test_equals_post_hoc_simulation(arch, classifier, double):
         assert margin > 1e-5
         want_preds, want_steps = post_hoc(reference, thresholds)
         for storage in ("references", "rows"):  # the CPU's default, and the device rows CUDA uses
-            out = net.budgeted_predict(images, thresholds, batch_size=batch_size, flops=FLOPS,
+            out = budgeted_predict(net, images, thresholds, batch_size=batch_size, flops=FLOPS,
                                        image_storage=storage)
             assert isinstance(out, BudgetedPrediction)
             assert torch.equal(out.exit_step, want_steps), (storage, shares, out.exit_step, want_steps)
@@ -99,7 +99,7 @@ def test_batch_of_one():
     thresholds, margin = separated_thresholds(budget.confidences(reference.probs)[0], (0.3, 0.3))
     assert margin > 1e-5 and top2_margin(reference.probs) > 1e-5
     want_preds, want_steps = post_hoc(reference, thresholds)
-    out = net.budgeted_predict(images, thresholds, batch_size=1, flops=FLOPS)
+    out = budgeted_predict(net, images, thresholds, batch_size=1, flops=FLOPS)
     assert torch.equal(out.exit_step, want_steps) and torch.equal(out.preds, want_preds)
     assert out.partial_batches == 0 and int(out.step_batches.sum()) == int(out.step_images.sum())
 
@@ -141,22 +141,22 @@ def test_loader_stream_with_labels_and_uint8_images():
         start += size
     want_preds, want_steps = post_hoc(reference, thresholds)
     for storage in ("references", "rows"):
-        out = net.budgeted_predict(iter(batches), thresholds, batch_size=4, flops=FLOPS, image_storage=storage)
+        out = budgeted_predict(net, iter(batches), thresholds, batch_size=4, flops=FLOPS, image_storage=storage)
         assert torch.equal(out.exit_step, want_steps) and torch.equal(out.preds, want_preds), storage
         assert torch.equal(out.targets, labels)
     # the same images as NHWC uint8 Tensor[N, S, S, 3] (DALI's own layout)
     nhwc = images.permute(0, 2, 3, 1).contiguous()
-    out = net.budgeted_predict(nhwc, thresholds, batch_size=4, flops=FLOPS)
+    out = budgeted_predict(net, nhwc, thresholds, batch_size=4, flops=FLOPS)
     assert torch.equal(out.exit_step, want_steps) and torch.equal(out.preds, want_preds)
     # a plain iterable of image tensors (no labels) works too
-    out = net.budgeted_predict([images[:10], images[10:]], thresholds, batch_size=16, flops=FLOPS)
+    out = budgeted_predict(net, [images[:10], images[10:]], thresholds, batch_size=16, flops=FLOPS)
     assert out.targets is None and torch.equal(out.exit_step, want_steps)
 
 
 def test_single_step_model():
     net = make_net("resnet10t", "gru", T=1, double=True)
     images = torch.randn(7, 3, 48, 48, dtype=torch.float64)
-    out = net.budgeted_predict(images, torch.tensor([0.5]), batch_size=3, flops=[1.0])
+    out = budgeted_predict(net, images, torch.tensor([0.5]), batch_size=3, flops=[1.0])
     assert out.exit_step.tolist() == [0] * 7
     assert torch.equal(out.preds, net.anytime_predict(images).preds[0])
 
@@ -165,18 +165,18 @@ def test_bad_arguments():
     net = make_net("resnet10t", "gru", T=3)
     images = torch.randn(4, 3, 48, 48)
     with pytest.raises(ValueError, match="one threshold per step"):
-        net.budgeted_predict(images, torch.tensor([0.5, -1e8]))
+        budgeted_predict(net, images, torch.tensor([0.5, -1e8]))
     with pytest.raises(ValueError, match="batch_size"):
-        net.budgeted_predict(images, torch.tensor([0.5, 0.5, -1e8]), batch_size=0)
+        budgeted_predict(net, images, torch.tensor([0.5, 0.5, -1e8]), batch_size=0)
     with pytest.raises(ValueError, match="Tensor"):
-        net.budgeted_predict(images[0], torch.tensor([0.5, 0.5, -1e8]))
+        budgeted_predict(net, images[0], torch.tensor([0.5, 0.5, -1e8]))
     with pytest.raises(ValueError, match="cuda_graphs"):
-        net.budgeted_predict(images, torch.tensor([0.5, 0.5, -1e8]), cuda_graphs=True)
+        budgeted_predict(net, images, torch.tensor([0.5, 0.5, -1e8]), cuda_graphs=True)
     with pytest.raises(ValueError, match="image_storage"):
-        net.budgeted_predict(images, torch.tensor([0.5, 0.5, -1e8]), image_storage="disk")
+        budgeted_predict(net, images, torch.tensor([0.5, 0.5, -1e8]), image_storage="disk")
     net.train()
     with pytest.raises(RuntimeError, match="eval mode"):
-        net.budgeted_predict(images, torch.tensor([0.5, 0.5, -1e8]))
+        budgeted_predict(net, images, torch.tensor([0.5, 0.5, -1e8]))
 
 
 @pytest.mark.cuda
@@ -187,6 +187,6 @@ def test_cuda_graphs_equal_post_hoc(arch, classifier):
     reference = net.anytime_predict(images, batch_size=16)
     thresholds, margin = separated_thresholds(budget.confidences(reference.probs)[0].cpu(), (0.3, 0.3))
     want_preds, want_steps = post_hoc(reference, thresholds.cuda())
-    out = net.budgeted_predict(images, thresholds, batch_size=16, cuda_graphs=True, flops=FLOPS)
+    out = budgeted_predict(net, images, thresholds, batch_size=16, cuda_graphs=True, flops=FLOPS)
     assert out.cuda_graphs
     assert torch.equal(out.exit_step, want_steps.cpu()) and torch.equal(out.preds, want_preds.cpu())

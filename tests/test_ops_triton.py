@@ -53,13 +53,13 @@ for arch in (80, 90):
                         dict(flags, BICUBIC=bicubic, COMPUTE_F64=x == "*fp64", P=144, BLOCK=512), arch)
         compile_one(f"focus_crop_bilinear fwd {x}->{out}", focus_crop_bilinear._focus_crop_bilinear_fwd_kernel,
                     {"x_ptr": x, "centers_ptr": compute, "params_ptr": compute, "out_ptr": out}, STRIDES,
-                    dict(flags, P=128, BLOCK=512), arch)
+                    dict(flags, COMPUTE_F64=x == "*fp64", P=128, BLOCK=512), arch)
         compile_one(f"focus_crop_bilinear bwd {x} grad {out}", focus_crop_bilinear._focus_crop_bilinear_bwd_kernel,
                     {"x_ptr": x, "centers_ptr": compute, "params_ptr": compute, "grad_out_ptr": out,
                      "grad_x_ptr": compute, "grad_c_ptr": compute},
                     "H W sxn sxc sxh sxw sgn sgc sgh sgw gxn gxc gxh gxw".split(),
-                    {"IS_UINT8": x == "*u8", "NORMALISE": True, "NEED_IMAGES": x != "*u8", "NEED_CENTERS": True,
-                     "P": 96, "BLOCK": 512}, arch)
+                    {"IS_UINT8": x == "*u8", "NORMALISE": True, "COMPUTE_F64": x == "*fp64",
+                     "NEED_IMAGES": x != "*u8", "NEED_CENTERS": True, "P": 96, "BLOCK": 512}, arch)
 print(json.dumps(results))
 """
 
@@ -78,12 +78,17 @@ def test_every_kernel_compiles_for_sm80_and_sm90(compiled):
     assert not failures, failures
 
 
-def test_focus_crop_uses_ieee_division(compiled):
-    # Triton's plain float32 `/` is div.full.f32 (approximate) on NVIDIA GPUs; the crop must use div.rn to
-    # stay bit-identical to torch's x / 255 and (x - mean) / std.
+def test_every_kernel_uses_ieee_division(compiled):
+    # Triton's plain float32 `/` is div.full.f32 (approximate) on NVIDIA GPUs; every kernel must use div.rn to
+    # stay bit-identical (the crop) or as close as the reference allows (the others) to torch's x / 255 and
+    # (x - mean) / std. (The bilinear crop once used the approximate one.)
+    checked = 0
     for name, result in compiled.items():
-        if name.startswith("focus_crop *u8") or name.startswith("focus_crop *fp32"):
-            assert "div.rn.f32" in result["ptx"] and "div.full.f32" not in result["ptx"], name
+        assert "div.full.f32" not in result["ptx"], name
+        if "*u8" in name or "*fp32" in name:
+            assert "div.rn.f32" in result["ptx"], name
+            checked += 1
+    assert checked == 2 * 3 * 5  # 2 archs x 3 float32-compute dtype pairs x 5 kernels
 
 
 NO_TRITON = r"""

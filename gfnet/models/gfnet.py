@@ -1,9 +1,8 @@
 """The Glance-and-Focus Network: glance, focus steps, classifier and policy (GFNet, Section 3)."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -14,12 +13,9 @@ from gfnet.config import BackboneConfig, get_config
 from gfnet.models.classifier import Classifier
 from gfnet.models.encoder import Encoder
 from gfnet.models.policy import Policy
+from gfnet.precision import autocast
 
-__all__ = ["GFNet", "GFNetState", "StepOutput", "AnytimePrediction", "build_model"]
-
-_AMP_DTYPES = {"fp32": None, "float32": None, None: None, torch.float32: None,
-               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
-               "fp16": torch.float16, "float16": torch.float16, torch.float16: torch.float16}
+__all__ = ["GFNet", "GFNetState", "Proposal", "StepOutput", "AnytimePrediction", "build_model"]
 
 
 @dataclass
@@ -39,6 +35,16 @@ class GFNetState:
         """The state of the images ``idx`` (a LongTensor or bool mask over the batch)."""
         return GFNetState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
                              for f in fields(self)})
+
+
+@dataclass
+class Proposal:
+    """The policy's proposal for the next focus step: mean Tensor[N, 2] (the action at evaluation), value
+    Tensor[N, 1] (the critic) and the policy's new hidden state Tensor[N, H_policy]."""
+
+    mean: torch.Tensor
+    value: torch.Tensor
+    hidden: torch.Tensor
 
 
 @dataclass
@@ -113,7 +119,7 @@ class GFNet(nn.Module):
     # ----------------------------------------------------------------------------- step inputs
     def _norm_args(self, images: torch.Tensor):
         if images.dtype == torch.uint8:
-            return dict(mean=ops.IMAGENET_MEAN, std=ops.IMAGENET_STD)
+            return dict(mean=self.config.mean, std=self.config.std)
         return {}
 
     def _input_dtype(self, images: torch.Tensor):
@@ -134,13 +140,51 @@ class GFNet(nn.Module):
         return ops.focus_crop(images, actions, self.patch_size, out_dtype=self._input_dtype(images),
                               validate=False, **self._norm_args(images))
 
-    # ----------------------------------------------------------------------------- steps
+    def focus_corners(self, actions: torch.Tensor, image_size: int) -> torch.Tensor:
+        """Tensor[N, 2] int32 top-left corners of the patches the actions pick, clamped into the image: the
+        corners :meth:`focus_input` crops at (:func:`gfnet.ops.focus_corners`)."""
+        return ops.focus_corners(actions, image_size, self.patch_size).clamp_(0, image_size - self.patch_size)
+
+    # ----------------------------------------------------------------------------- step primitives
     def init_state(self, n: int, device=None) -> GFNetState:
         param = next(self.parameters())
         device = device if device is not None else param.device
         return GFNetState(self.fc.init_state(n, device, param.dtype),
                           self.policy.init_hidden(n, device, param.dtype))
 
+    def propose(self, state: GFNetState) -> Proposal:
+        """The policy's proposal from the previous step's feature map and the policy state."""
+        mean, value, hidden = self.policy(state.feature_map, state.policy_hidden)
+        return Proposal(mean, value, hidden)
+
+    @staticmethod
+    def explore(mean: torch.Tensor, explore_std: float) -> torch.Tensor:
+        """The action taken: the mean (explore_std = 0, evaluation), or a sample of N(mean, explore_std^2)
+        clamped to [0, 1] (training), detached."""
+        if explore_std > 0:
+            return (mean.detach() + explore_std * torch.randn_like(mean)).clamp(0.0, 1.0)
+        return mean.detach()
+
+    def encode_glance(self, glance: torch.Tensor, state: GFNetState) -> StepOutput:
+        """Step 1 on a prepared glance batch Tensor[N, 3, P, P] (:meth:`glance_input`)."""
+        pooled, fmap = self.model_prime(glance)
+        logits, fc_hidden = self.fc(pooled, state.fc_hidden, 0)
+        if self.config.glance_head == "backbone" or logits is None:
+            logits = self.model_prime.head(pooled)
+        return StepOutput(logits, GFNetState(fc_hidden, torch.zeros_like(state.policy_hidden), fmap), pooled)
+
+    def encode_focus(self, t: int, patches: torch.Tensor, state: GFNetState, actions: torch.Tensor,
+                     proposal: Optional[Proposal] = None) -> StepOutput:
+        """Focus step ``t`` on a prepared patch batch Tensor[N, 3, P, P] (:meth:`focus_input`) cut at
+        ``actions``; ``proposal`` is the policy's, when the policy chose them (its hidden state carries on)."""
+        pooled, fmap = self.model(patches)
+        logits, fc_hidden = self.fc(pooled, state.fc_hidden, t)
+        policy_hidden = proposal.hidden if proposal is not None else state.policy_hidden
+        return StepOutput(logits, GFNetState(fc_hidden, policy_hidden, fmap), pooled, actions,
+                          proposal.mean if proposal is not None else None,
+                          proposal.value if proposal is not None else None)
+
+    # ----------------------------------------------------------------------------- steps
     def step(self, t: int, images: torch.Tensor, state: Optional[GFNetState] = None,
              actions: Optional[torch.Tensor] = None, explore_std: float = 0.0,
              glance_mode: Optional[str] = None) -> StepOutput:
@@ -162,32 +206,44 @@ class GFNet(nn.Module):
                 raise ValueError("a focus step needs the previous step's state")
             state = self.init_state(images.shape[0], images.device)
         if t == 0:
-            pooled, fmap = self.model_prime(self.glance_input(images, glance_mode))
-            logits, fc_hidden = self.fc(pooled, state.fc_hidden, 0)
-            if self.config.glance_head == "backbone" or logits is None:
-                logits = self.model_prime.head(pooled)
-            new_state = GFNetState(fc_hidden, torch.zeros_like(state.policy_hidden), fmap)
-            return StepOutput(logits, new_state, pooled)
-        mean = value = None
-        policy_hidden = state.policy_hidden
+            return self.encode_glance(self.glance_input(images, glance_mode), state)
+        proposal = None
         if actions is None:
-            mean, value, policy_hidden = self.policy(state.feature_map, state.policy_hidden)
-            if explore_std > 0:
-                actions = (mean.detach() + explore_std * torch.randn_like(mean)).clamp(0.0, 1.0)
-            else:
-                actions = mean
+            proposal = self.propose(state)
+            actions = self.explore(proposal.mean, explore_std)
         actions = actions.detach()
-        pooled, fmap = self.model(self.focus_input(images, actions.float()))
-        logits, fc_hidden = self.fc(pooled, state.fc_hidden, t)
-        return StepOutput(logits, GFNetState(fc_hidden, policy_hidden, fmap), pooled, actions, mean, value)
+        return self.encode_focus(t, self.focus_input(images, actions.float()), state, actions, proposal)
+
+    def steps(self, images: torch.Tensor, steps: Optional[int] = None,
+              actions: Union[None, torch.Tensor, Callable[[int, GFNetState], Optional[torch.Tensor]]] = None,
+              explore_std: float = 0.0, glance_mode: Optional[str] = None,
+              glance: Optional[StepOutput] = None) -> Iterator[StepOutput]:
+        """The sequence of steps, one :class:`StepOutput` at a time: the loop every caller shares.
+
+        Args:
+            images: the full-resolution batch. steps: how many steps (default T).
+            actions: None (the policy chooses), Tensor[steps-1, N, 2] (given positions), or a callable
+                ``(t, state) -> Tensor[N, 2] or None`` (e.g. random positions in stage 1).
+            explore_std, glance_mode: as :meth:`step`.
+            glance: the glance's output when the caller computed it (training's glance differs, see
+                gfnet.train.objective.run_glance); step 0 runs here otherwise.
+        """
+        steps = self.T if steps is None else steps
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in 1..T={self.T}; got {steps}")
+        out = glance if glance is not None else self.step(0, images, glance_mode=glance_mode)
+        yield out
+        for t in range(1, steps):
+            if actions is None:
+                a = None
+            elif callable(actions):
+                a = actions(t, out.state)
+            else:
+                a = actions[t - 1]
+            out = self.step(t, images, out.state, actions=a, explore_std=explore_std)
+            yield out
 
     # ----------------------------------------------------------------------------- inference
-    def _autocast(self, device: torch.device, dtype):
-        amp = _AMP_DTYPES[dtype]
-        if amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp)
-
     @torch.no_grad()
     def anytime_predict(self, images: torch.Tensor, batch_size: Optional[int] = None,
                         dtype=None, steps: Optional[int] = None) -> AnytimePrediction:
@@ -212,13 +268,11 @@ class GFNet(nn.Module):
         for start in range(0, n, bs):
             chunk = images[start:start + bs]
             p, a = [], []
-            with self._autocast(chunk.device, dtype):
-                out = self.step(0, chunk)
-                p.append(F.softmax(out.logits.float(), 1))
-                for t in range(1, steps):
-                    out = self.step(t, chunk, out.state)
+            with autocast(chunk.device, dtype):
+                for out in self.steps(chunk, steps):
                     p.append(F.softmax(out.logits.float(), 1))
-                    a.append(out.actions.float())
+                    if out.actions is not None:
+                        a.append(out.actions.float())
             probs.append(torch.stack(p))
             acts.append(torch.stack(a) if a else chunk.new_zeros(0, chunk.shape[0], 2, dtype=torch.float32))
         return AnytimePrediction(torch.cat(probs, 1), torch.cat(acts, 1))
@@ -228,12 +282,6 @@ class GFNet(nn.Module):
         self.model_prime.to(memory_format=torch.channels_last)
         self.model.to(memory_format=torch.channels_last)
         return self
-
-    def budgeted_predict(self, images_or_loader, thresholds, batch_size: int = 64, **kwargs):
-        """Real early exit with continuous batching: see :func:`gfnet.engine.budgeted_predict`."""
-        from gfnet.engine import budgeted_predict
-
-        return budgeted_predict(self, images_or_loader, thresholds, batch_size=batch_size, **kwargs)
 
 
 def build_model(arch: str, patch_size: int = 96, T: int = 5, num_classes: int = 1000,
