@@ -116,6 +116,32 @@ class GFNet(nn.Module):
     def image_size(self) -> int:
         return self.config.image_size
 
+    # ----------------------------------------------------------------------------- input contract
+    def check_images(self, images, what: str = "images") -> None:
+        """The one validation of an image batch, shared by every entry point (anytime and budgeted inference,
+        the engine's stream, the commands): Tensor[N, 3, S, S] float or uint8, or uint8 Tensor[N, S, S, 3];
+        square (the corner formula has one S) and at least P x P. Raises TypeError/ValueError saying what to do.
+        Float dtypes other than the model's are converted by the fused ops, not refused."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor of images; got {type(images).__name__}")
+        if images.dtype not in (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{what} must be uint8 or float (float16/bfloat16/float32/float64); got {images.dtype}")
+        if images.dim() != 4:
+            raise ValueError(f"{what} must be Tensor[N, 3, S, S] (or uint8 [N, S, S, 3]); got shape "
+                             f"{tuple(images.shape)}")
+        if images.shape[1] == 3:
+            h, w = images.shape[2], images.shape[3]
+        elif images.shape[3] == 3:
+            h, w = images.shape[1], images.shape[2]
+        else:
+            raise ValueError(f"{what} must have 3 channels, as Tensor[N, 3, S, S] or [N, S, S, 3]; got shape "
+                             f"{tuple(images.shape)}")
+        if h != w:
+            raise ValueError(f"{what} must be square (S x S; the patch corner is floor(a * (S - P)) with one S); got "
+                             f"{h}x{w}: resize and centre-crop them first, as gfnet.data's loaders do")
+        if h < self.patch_size:
+            raise ValueError(f"{what} of {h}x{w} pixels are smaller than the patch size {self.patch_size}")
+
     # ----------------------------------------------------------------------------- step inputs
     def _norm_args(self, images: torch.Tensor):
         if images.dtype == torch.uint8:
@@ -123,10 +149,12 @@ class GFNet(nn.Module):
         return {}
 
     def _input_dtype(self, images: torch.Tensor):
-        if images.dtype == torch.uint8:
-            return torch.float32 if not torch.is_autocast_enabled(images.device.type) else \
-                torch.get_autocast_dtype(images.device.type)
-        return None
+        # What the encoders take: the autocast dtype under autocast, else the parameters' dtype (float64,
+        # float16 or bfloat16 images are converted in the fused op instead of failing in the convolution).
+        if torch.is_autocast_enabled(images.device.type):
+            return torch.get_autocast_dtype(images.device.type) if images.dtype == torch.uint8 else None
+        param_dtype = next(self.parameters()).dtype
+        return None if images.dtype == param_dtype else param_dtype
 
     def glance_input(self, images: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
         """The glance: the whole image resized to P x P (align_corners=True), Tensor[N, 3, P, P]."""
@@ -261,8 +289,18 @@ class GFNet(nn.Module):
         if self.training:
             raise RuntimeError("anytime_predict needs eval mode: call net.eval() first "
                                "(batch norm and dropout behave differently in training)")
+        self.check_images(images)
         steps = self.T if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be an int in 1..T={self.T}; got {steps!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
+        autocast(images.device, dtype)  # an unknown dtype name is refused before any work
         n = images.shape[0]
+        if n == 0:
+            return AnytimePrediction(images.new_zeros(steps, 0, self.num_classes, dtype=torch.float32),
+                                     images.new_zeros(steps - 1, 0, 2, dtype=torch.float32))
         bs = n if batch_size is None else batch_size
         probs, acts = [], []
         for start in range(0, n, bs):
