@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["NO_EXIT_THRESHOLD", "LAST_STEP_THRESHOLD", "BUDGET_POINTS", "confidences", "exit_proportions",
+__all__ = ["NO_EXIT_THRESHOLD", "LAST_STEP_THRESHOLD", "BUDGET_POINTS", "confidences", "separated_thresholds", "exit_proportions",
            "find_thresholds", "exit_steps", "evaluate", "budget_curve"]
 
 # The reference's sentinels: a threshold nobody reaches, and the last step's that everybody reaches.
@@ -190,3 +190,30 @@ def budget_curve(train_probs: torch.Tensor, train_targets: Optional[torch.Tensor
         accuracies.append(accuracy)
         costs.append(cost)
     return thresholds, accuracies, costs
+
+
+def separated_thresholds(max_probs: torch.Tensor, shares) -> tuple[torch.Tensor, float]:
+    """Thresholds that let about ``shares[k]`` of the images exit at step k (MSDNet's procedure: among those
+    still there), each placed in the middle of the widest gap between neighbouring max probabilities near that
+    quantile, so that float rounding differences (another batch composition, a compiled or graphed run) cannot
+    move an image across a threshold. For checking real early exit against the post-hoc simulation.
+
+    Args:
+        max_probs: Tensor[T, N] max softmax probability after each step. shares: T-1 fractions.
+    Returns:
+        (thresholds Tensor[T] float64 with the last -1e8, the smallest distance of a still-running image's max
+        probability to its step's threshold).
+    """
+    T, n = max_probs.shape
+    remaining = torch.ones(n, dtype=torch.bool, device=max_probs.device)
+    thresholds, margin = [], float("inf")
+    for k in range(T - 1):
+        values = max_probs[k][remaining].double().sort(descending=True).values
+        target = min(max(int(round(shares[k] * n)), 1), values.numel() - 1)
+        window = range(max(1, target - 2), min(values.numel(), target + 3))
+        split = max(window, key=lambda i: values[i - 1] - values[i])
+        threshold = float(values[split - 1] + values[split]) / 2
+        thresholds.append(threshold)
+        margin = min(margin, float((values - threshold).abs().min()))
+        remaining &= max_probs[k].double() < threshold
+    return torch.tensor(thresholds + [-1e8], dtype=torch.float64), margin

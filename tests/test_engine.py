@@ -5,6 +5,7 @@ import torch
 
 import gfnet
 from gfnet import budget
+from gfnet.budget import separated_thresholds
 from gfnet.engine import BudgetedPrediction, budgeted_predict, step_flops
 
 
@@ -21,30 +22,6 @@ def make_net(arch, classifier=None, T=3, double=False, seed=0):
             if isinstance(module, torch.nn.Linear) and module.out_features == 10:
                 module.weight.mul_(25.0)
     return net.double() if double else net
-
-
-def separated_thresholds(max_probs, shares):
-    """Thresholds that let about ``shares[k]`` of the images exit at step k (MSDNet's procedure: among
-    those still there), each placed in the middle of the widest gap between neighbouring max
-    probabilities near that quantile, so that float32 rounding differences between batch compositions
-    cannot move an image across a threshold.
-
-    Returns (thresholds Tensor[T] float64, the smallest distance of a still-running image's max
-    probability to its step's threshold).
-    """
-    T, n = max_probs.shape
-    remaining = torch.ones(n, dtype=torch.bool)
-    thresholds, margin = [], float("inf")
-    for k in range(T - 1):
-        values = max_probs[k][remaining].double().sort(descending=True).values
-        target = min(max(int(round(shares[k] * n)), 1), values.numel() - 1)
-        window = range(max(1, target - 2), min(values.numel(), target + 3))
-        split = max(window, key=lambda i: values[i - 1] - values[i])
-        threshold = float(values[split - 1] + values[split]) / 2
-        thresholds.append(threshold)
-        margin = min(margin, float((values - threshold).abs().min()))
-        remaining &= max_probs[k].double() < threshold
-    return torch.tensor(thresholds + [-1e8], dtype=torch.float64), margin
 
 
 def post_hoc(reference, thresholds):

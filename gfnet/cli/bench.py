@@ -54,6 +54,11 @@ def run_suite(name: str, device=None, quick=False) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpucheck"]:  # a command of its own: checks with pass/fail, not timing rows
+        from gfnet.bench.gpucheck import main as gpucheck
+
+        return gpucheck(argv[1:])
     parser = argparse.ArgumentParser(prog="gfnet-bench", description=__doc__.splitlines()[0])
     parser.add_argument("suites", nargs="*", default=["anytime"],
                         help=f"suites to run ({', '.join(SUITES)}, or 'all'); default: anytime")

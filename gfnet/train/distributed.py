@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from gfnet.device import resolve_device as _resolve_device
+
 __all__ = ["DistributedContext", "init_distributed", "resolve_device"]
 
 
@@ -54,16 +56,27 @@ class DistributedContext:
 
 
 def resolve_device(device=None, local_rank: int = 0) -> torch.device:
-    """``device`` as a torch.device; None picks this process's CUDA device when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
+    """This process's device: ``device`` checked (see :func:`gfnet.device.resolve_device`), with a bare "cuda"
+    (or None on a GPU machine) taking the process's GPU.
+
+    The process's GPU is ``cuda:LOCAL_RANK`` when every process sees all GPUs, and ``cuda:0`` when each sees
+    only its own (a per-rank CUDA_VISIBLE_DEVICES, as SLURM and some launchers set it): LOCAL_RANK is then no
+    device index.
+    """
+    if device in (None, "auto"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} asked for, but this torch sees no CUDA GPU; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
+            return torch.device("cpu")
+        device = "cuda"
+    if torch.device(device).type == "cuda" and torch.device(device).index is None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count == 1:
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise ValueError(f"LOCAL_RANK={local_rank} but this process sees only {count} GPU(s) "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): launch at most "
+                             f"{count} processes per node, or give each process one GPU")
+        return torch.device("cuda", local_rank)
+    return _resolve_device(device)
 
 
 def init_distributed(device=None) -> DistributedContext:
@@ -83,5 +96,7 @@ def init_distributed(device=None) -> DistributedContext:
         return DistributedContext(0, 1, 0, dev, None)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # device_id binds the NCCL communicator to this process's GPU (not to whatever LOCAL_RANK would index)
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
