@@ -367,8 +367,8 @@ def check_second_gpu(ctx: Context) -> dict:
 
 def _bench_check(suite: str) -> Callable[[Context], dict]:
     def check(ctx: Context) -> dict:
-        from gfnet.cli.bench import run_suite
-        rows = run_suite(suite, device=str(ctx.device), quick=True)
+        import importlib
+        rows = importlib.import_module(f"gfnet.bench.bench_{suite}").run(device=str(ctx.device), quick=True)
         rows = [asdict(r) if hasattr(r, "__dataclass_fields__") else r for r in rows]
         path = os.path.join(ctx.out_dir, f"bench_{suite}_{ctx.device.type}.json")
         with open(path, "w") as fh:
