@@ -488,7 +488,8 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "gpucheck.md"), "w") as fh:
         fh.write(markdown(results, env))
     failed = [r.name for r in results if r.status == "failed"]
-    print(markdown(results, env).splitlines()[-1] + f"; report in {out}")
+    print(f"report in {out}")
+    print("gpucheck: " + markdown(results, env).splitlines()[-1])  # the closing line: N passed, N failed, ...
     return 1 if failed else 0
 
 

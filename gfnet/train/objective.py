@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gfnet.models.gfnet import GFNet, GFNetState
+from gfnet.models.gfnet import GFNet, GFNetState, StepOutput
 from gfnet.models.policy import ACTION_STD
 
 __all__ = ["ACTION_MODES", "GlanceOutput", "run_glance", "SequenceObjective", "PPOObjective"]
@@ -39,6 +39,11 @@ class GlanceOutput:
     logits: torch.Tensor
     head_logits: torch.Tensor
     state: GFNetState
+    pooled: Optional[torch.Tensor] = None
+
+    def as_step(self) -> StepOutput:
+        """The glance as the first output of :meth:`GFNet.steps`."""
+        return StepOutput(self.logits, self.state, self.pooled)
 
 
 def run_glance(net: GFNet, images: torch.Tensor, glance_mode: Optional[str], grad: bool) -> GlanceOutput:
@@ -57,7 +62,7 @@ def run_glance(net: GFNet, images: torch.Tensor, glance_mode: Optional[str], gra
         head_logits = net.model_prime.head(pooled)
     logits = fc_logits if fc_logits is not None else head_logits
     state = GFNetState(fc_hidden, net.policy.init_hidden(n, images.device), fmap)
-    return GlanceOutput(logits, head_logits, state)
+    return GlanceOutput(logits, head_logits, state, pooled)
 
 
 class SequenceObjective(nn.Module):
@@ -96,17 +101,14 @@ class SequenceObjective(nn.Module):
         cls_losses = [F.cross_entropy(glance.logits.float(), labels)]
         dsn_losses = [F.cross_entropy(glance.head_logits.float(), labels)]
         correct = [(glance.logits.argmax(1) == labels).sum()]
-        state = glance.state
-        for t in range(1, net.T):
-            actions = None
-            if action_mode == "random":
-                actions = torch.rand(n, 2, device=images.device)
-            std = self.action_std if action_mode == "sample" else 0.0
-            out = net.step(t, images, state, actions=actions, explore_std=std)
+        random = (lambda t, state: torch.rand(n, 2, device=images.device)) if action_mode == "random" else None
+        std = self.action_std if action_mode == "sample" else 0.0
+        focus = net.steps(images, actions=random, explore_std=std, glance=glance.as_step())
+        next(focus)  # the glance, computed above as the reference's training computes it
+        for out in focus:
             cls_losses.append(F.cross_entropy(out.logits.float(), labels))
             dsn_losses.append(F.cross_entropy(net.model.head(out.pooled).float(), labels))
             correct.append((out.logits.argmax(1) == labels).sum())
-            state = out.state
         loss = (sum(cls_losses) + self.dsn_ratio * sum(dsn_losses)) / net.T
         return loss, torch.stack(correct).detach()
 

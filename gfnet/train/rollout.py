@@ -55,18 +55,18 @@ def collect_rollout(net: GFNet, images: torch.Tensor, labels: torch.Tensor, acti
     glance = run_glance(net, images, glance_mode, grad=False)
     prob_prev = F.softmax(glance.logits.float(), 1).gather(1, labels[:, None])[:, 0]
     correct = [(glance.logits.argmax(1) == labels).sum()]
-    state = glance.state
-    fmaps, actions, logprobs, rewards = [], [], [], []
-    for t in range(1, net.T):
-        fmaps.append(state.feature_map.float())
-        out = net.step(t, images, state, explore_std=action_std)
+    fmaps, actions, logprobs, rewards = [glance.state.feature_map.float()], [], [], []
+    focus = net.steps(images, explore_std=action_std, glance=glance.as_step())
+    next(focus)  # the glance, computed above as the reference's training computes it
+    for out in focus:
         logprobs.append(Policy.distribution(out.action_mean.float(), action_std).log_prob(out.actions.float()))
         actions.append(out.actions.float())
         prob = F.softmax(out.logits.float(), 1).gather(1, labels[:, None])[:, 0]
         rewards.append(prob - prob_prev)
         prob_prev = prob
         correct.append((out.logits.argmax(1) == labels).sum())
-        state = out.state
+        fmaps.append(out.state.feature_map.float())
+    fmaps.pop()  # the last step's map: no action is taken from it
     return Rollout(torch.stack(fmaps), torch.stack(actions), torch.stack(logprobs), torch.stack(rewards),
                    torch.stack(correct))
 
