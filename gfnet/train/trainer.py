@@ -5,7 +5,9 @@ or many processes.
   when the family trains it: ResNet, DenseNet, RegNet) and the classifier learn the deep-supervised loss
   (:class:`~gfnet.train.objective.SequenceObjective`).
 - Stage 2 (policy): encoders and classifier frozen in eval mode; PPO on the policy, one update per
-  batch (:mod:`gfnet.train.rollout`, :class:`~gfnet.train.objective.PPOObjective`), Adam lr 3e-4.
+  batch (:mod:`gfnet.train.rollout`, :class:`~gfnet.train.objective.PPOObjective`), Adam lr 3e-4. Like
+  the reference's train.py, PPO starts from a freshly initialised policy whatever the checkpoint holds;
+  ``continue_policy=True`` continues the net's policy instead.
 - Stage 3 (fine-tune): stage 1's loss with patches chosen by the learned (frozen) policy. The
   reference's ``train.py`` samples them from N(mean, 0.1^2) clamped to [0, 1] (its ``select_action``
   defaults to exploration and only validation passes ``training=False``); that is our default
@@ -15,6 +17,10 @@ Optimisation as in the reference: SGD (Nesterov, momentum 0.9, weight decay) wit
 group per encoder and one for the classifier, each on a cosine schedule stepped once per epoch:
 lr(e) = 0.5 * base * (1 + cos(pi * e / epochs)). Mixed precision: bf16 autocast, or fp16 autocast
 with a gradient scaler. Under torchrun every process trains on its shard and DDP averages gradients.
+
+Checkpoints come in the release layout (default) or, with ``save_layout="reference-train"``, in the
+layout the reference's train.py continues from (:mod:`gfnet.checkpoint`); :meth:`Trainer.load_training_state`
+resumes from either and from the reference train.py's own files.
 """
 from __future__ import annotations
 
@@ -414,8 +420,9 @@ class Trainer:
                          " (the reference train.py's)" if spec.name == "reference" else " (the backbone's inference "
                          "setting)", self.options.save_layout)
                 if self.options.stage == 2:
-                    log.info("stage 2 policy: %s", "continued from the checkpoint" if self.options.continue_policy
-                             else f"freshly initialised (seed {self.options.seed}), as the reference's train.py")
+                    log.info("stage 2 policy: %s", f"restored from {resume}" if resume else
+                             "continued from the checkpoint" if self.options.continue_policy else
+                             f"freshly initialised (seed {self.options.seed}), as the reference's train.py")
             while self.epoch < self.options.epochs:
                 epoch = self.epoch
                 record = {"epoch": epoch + 1, **self.train_epoch(train_loader, epoch)}
