@@ -209,6 +209,20 @@ def test_reference_stage1_file_loads_with_caller_values(tmp_path, prefix):
     assert (ckpt.origin, ckpt.stage, ckpt.prefixed) == ("reference-train", 1, prefix == "module.")
 
 
+def test_stage1_initialisations_from_a_gfnet_checkpoint_take_each_encoder(tmp_path):
+    ref = ReferenceRun("test_resnet", 1, seed=3)
+    with torch.no_grad():
+        for p in ref.model_prime.parameters():
+            p.add_(1.0)  # the two encoders differ
+    ref.save(tmp_path / "s1.pth.tar", prefix="module.")
+    path = str(tmp_path / "s1.pth.tar")
+    net = build_training_model("test_resnet", P, T, 1, num_classes=CLASSES, init_global=path, init_local=path)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(net.model.net.state_dict()[k], v), k
+    for k, v in ref.model_prime.state_dict().items():
+        assert torch.equal(net.model_prime.net.state_dict()[k], v), k
+
+
 def test_caller_values_that_contradict_the_file_are_named(tmp_path):
     net = tiny_net()
     path = tmp_path / "g.pth.tar"

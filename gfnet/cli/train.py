@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, help="maximum number of steps, glance + focus (default: the checkpoint's)")
     p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
     p.add_argument("--out", required=True, help="output folder: checkpoint.pth.tar, model_best.pth.tar, train.log")
-    p.add_argument("--init-global", help="stage 1: backbone weights of the global encoder (state dict)")
-    p.add_argument("--init-local", help="stage 1: backbone weights of the local encoder (state dict)")
+    p.add_argument("--init-global", help="stage 1: backbone weights of the global encoder (a state dict, or "
+                   "a GFNet checkpoint's model_prime_state_dict)")
+    p.add_argument("--init-local", help="stage 1: backbone weights of the local encoder (a state dict, or "
+                   "a GFNet checkpoint's model_state_dict)")
     p.add_argument("--checkpoint", help="stages 2/3: the previous stage's GFNet checkpoint (gfnet's or the "
                    "reference's, release or train.py layout)")
     p.add_argument("--resume", help="continue an interrupted run from its checkpoint.pth.tar (written by "

@@ -43,7 +43,7 @@ def build_training_model(arch: Optional[str], patch_size: Optional[int], T: Opti
         net = build_model(arch, patch_size=patch_size, T=T, num_classes=num_classes, classifier=classifier)
         for path, encoder, name in ((init_global, net.model_prime, "global"), (init_local, net.model, "local")):
             if path:
-                info = load_backbone_weights(encoder, path)
+                info = load_backbone_weights(encoder, path, role=name)
                 if info["skipped_head"]:
                     log.info("%s encoder: %s's head has another class count; kept a fresh head", name, path)
             else:

@@ -31,9 +31,12 @@ log = logging.getLogger("gfnet.train")
 _GFNET_GROUP_KEYS = ("base_lr", "name")
 
 
-def _unwrap(obj, path: str) -> Mapping[str, torch.Tensor]:
-    # Common containers of a backbone state dict: {"state_dict": ...}, {"model": ...}.
+def _unwrap(obj, path: str, gfnet_field: str) -> Mapping[str, torch.Tensor]:
+    # A GFNet checkpoint (any layout) holds both encoders: take the one asked for. Otherwise the common
+    # containers of a backbone state dict: {"state_dict": ...}, {"model": ...}.
     if isinstance(obj, Mapping):
+        if isinstance(obj.get("model_state_dict"), Mapping) and isinstance(obj.get("model_prime_state_dict"), Mapping):
+            return obj[gfnet_field]
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], Mapping):
                 return obj[key]
@@ -43,9 +46,11 @@ def _unwrap(obj, path: str) -> Mapping[str, torch.Tensor]:
                      f"'state_dict' / 'model'); got {type(obj).__name__}")
 
 
-def load_backbone_weights(encoder: Encoder, path: str, strict_head: bool = False) -> dict:
+def load_backbone_weights(encoder: Encoder, path: str, strict_head: bool = False, role: str = "local") -> dict:
     """Load a plain backbone checkpoint (torchvision/timm key names; ``module.`` prefix allowed; RegNet
-    in pycls names mapped to timm's) into ``encoder``.
+    in pycls names mapped to timm's) into ``encoder``. From a GFNet checkpoint (any layout) the
+    encoder of the same ``role`` is taken: ``"global"`` reads model_prime_state_dict, ``"local"``
+    model_state_dict.
 
     The backbone's own head is skipped when its shape differs (an ImageNet head on a 10-class task)
     unless ``strict_head``. Returns {"missing": [...], "skipped_head": [...]}.
@@ -56,7 +61,10 @@ def load_backbone_weights(encoder: Encoder, path: str, strict_head: bool = False
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no backbone weights at {path}")
-    state = strip_module_prefix(_unwrap(torch.load(path, map_location="cpu", weights_only=True), path))
+    if role not in ("global", "local"):
+        raise ValueError(f"role must be 'global' or 'local', got {role!r}")
+    field = "model_prime_state_dict" if role == "global" else "model_state_dict"
+    state = strip_module_prefix(_unwrap(torch.load(path, map_location="cpu", weights_only=True), path, field))
     if encoder.config.family == "regnet" and any(".f.a." in k or k.startswith("stem.conv") for k in state):
         state = pycls_to_timm(state)
     own = encoder.net.state_dict()
