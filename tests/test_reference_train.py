@@ -366,6 +366,8 @@ def test_reference_train_layout_continues_in_the_reference(tmp_path, arch, stage
     ref.step()  # the loaded states fit the parameters they index
     if stage == 3:
         assert ref.ppo_optimizer.state_dict()["state"] == {}  # its stage-3 Adam never stepped
+    if stage == 2:  # Adam's step counts are numbers, as the PyTorch of the reference's time keeps them
+        assert all(isinstance(s["step"], int) and s["step"] == 2 for s in ckpt["ppo_optimizer"]["state"].values())
 
     # and gfnet reads its own reference-train file back (no --arch needed: it names its backbone)
     again = Trainer(tiny_net(arch, seed=4) if stage == 1 else gfnet.load_checkpoint(path),

@@ -45,8 +45,8 @@ from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
-from gfnet.train.weights import (fresh_adam_state, load_sgd_state, reset_policy, sgd_parameter_groups,
-                                  sgd_state_to_reference)
+from gfnet.train.weights import (adam_state_to_reference, fresh_adam_state, load_sgd_state, reset_policy,
+                                  sgd_parameter_groups, sgd_state_to_reference)
 
 __all__ = ["TrainOptions", "Trainer", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
 
@@ -484,7 +484,7 @@ class Trainer:
             fields["optimizer"] = (sgd_state_to_reference(self.optimizer, self.net, o.train_global)
                                    if self.optimizer is not None else None)
             if self.ppo_optimizer is not None:
-                fields["ppo_optimizer"] = self.ppo_optimizer.state_dict()
+                fields["ppo_optimizer"] = adam_state_to_reference(self.ppo_optimizer.state_dict())
             else:
                 fields["ppo_optimizer"] = fresh_adam_state(self.net, o.policy_lr, o.policy_betas) if o.stage == 3 else None
             if o.stage == 1:

@@ -214,6 +214,15 @@ def load_sgd_state(optimizer: torch.optim.Optimizer, saved: Optional[Mapping], n
     return layout
 
 
+def adam_state_to_reference(state: Mapping) -> dict:
+    """An Adam state dict with its step counters as plain integers: current PyTorch keeps them as
+    tensors and turns numbers back into tensors when it loads them, while the PyTorch releases of the
+    reference's time (1.x) do arithmetic with them as numbers."""
+    return {"state": {i: {k: (int(v.item()) if k == "step" and torch.is_tensor(v) else v) for k, v in s.items()}
+                      for i, s in state["state"].items()},
+            "param_groups": [dict(g) for g in state["param_groups"]]}
+
+
 def fresh_adam_state(net: GFNet, lr: float, betas) -> dict:
     """The state dict of a new, never stepped Adam over the policy: what the reference's stage 3 saves
     as ``ppo_optimizer`` (it builds PPO's Adam but never updates it)."""
