@@ -152,7 +152,8 @@ class CheckpointFile:
             released inference files) or "reference-train" (the reference train.py's files).
         layout: "release" or "reference-train" (the backbone key layout: prefixed or not).
         prefixed: the backbone keys carry ``module.``.
-        arch, patch_size, T: resolved from the file and the caller (None only with ``require=False``).
+        arch, patch_size, T: resolved from the file and the caller (None only with ``require=False``);
+            config: :class:`gfnet.config.BackboneConfig` of ``arch`` with the file's classifier.
         num_classes: from the classifier's output layer. classifier: "gru" or "cascade".
         stage: the training stage that wrote the file, where the file tells (gfnet's train_state, or
             the reference's optimizer/ppo_optimizer/policy pattern), else None.
@@ -172,12 +173,7 @@ class CheckpointFile:
     classifier: str
     stage: Optional[int]
     trained_policy: bool
-
-    @property
-    def config(self):
-        from gfnet.config import get_config
-
-        return get_config(self.arch, self.classifier)
+    config: Any = None  # the BackboneConfig of arch with this classifier (None while arch is unknown)
 
 
 def _load_file(path: str, map_location) -> dict:
@@ -300,6 +296,7 @@ def read_checkpoint(path, arch: Optional[str] = None, patch_size: Optional[int] 
     if T is not None and classifier == "cascade" and not (T <= 5 if heads[-1] <= 5 else T == heads[-1]):
         raise CheckpointError(f"{path}: its cascade classifier has heads fc_{heads[0]}..fc_{heads[-1]}, "
                               f"which does not fit T={T}")
+    config = None
     if arch is not None:
         try:
             config = get_config(arch, classifier)
@@ -317,7 +314,7 @@ def read_checkpoint(path, arch: Optional[str] = None, patch_size: Optional[int] 
                           prefixed=prefixed, arch=arch, patch_size=patch_size, T=T, num_classes=num_classes,
                           classifier=classifier, stage=stage,
                           trained_policy=obj["policy"] is not None and stage != 1
-                          and obj.get("trained_policy") is not False)
+                          and obj.get("trained_policy") is not False, config=config)
 
 
 # ----------------------------------------------------------------------------- loading
