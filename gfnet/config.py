@@ -12,13 +12,29 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["BackboneConfig", "TrainConfig", "REFERENCE_ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "get_config",
-           "derive_config"]
+__all__ = ["BackboneConfig", "DataTransforms", "TrainConfig", "REFERENCE_ARCHS", "TRANSFORMS", "IMAGENET_MEAN",
+           "IMAGENET_STD", "get_config", "derive_config"]
 
 # ImageNet's per-channel mean and std in [0, 1] units, the normalisation of every reference backbone (kept in
 # each BackboneConfig, as timm keeps it in its pretrained configs; this is the one definition of the numbers).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Training-data transforms (:meth:`BackboneConfig.train_transforms`): "reference" is the reference
+#: train.py's for every backbone, "backbone" the backbone's inference resolution and filter.
+TRANSFORMS = ("reference", "backbone")
+
+
+@dataclass(frozen=True)
+class DataTransforms:
+    """Geometry of the training and validation images: training takes a RandomResizedCrop of side
+    ``image_size``, validation resizes the shorter side to ``int(image_size / crop_pct)`` and takes the
+    centre ``image_size`` crop; both resize with ``interpolation``."""
+
+    name: str
+    image_size: int
+    crop_pct: float
+    interpolation: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,21 @@ class BackboneConfig:
     def state_dim(self, patch_size: int) -> int:
         """Flattened size of the policy state: C * ceil(P/32)^2 (the feature map of a P x P input)."""
         return self.feature_map_channels * math.ceil(patch_size / 32) ** 2
+
+    def train_transforms(self, kind: str = "reference") -> DataTransforms:
+        """The data geometry of training (and its per-epoch validation).
+
+        ``"reference"``: the reference's train.py, for every backbone: RandomResizedCrop(224) and
+        Resize(256) + CenterCrop(224), bilinear (torchvision's default) -- EfficientNet-B2/B3 included.
+        ``"backbone"``: this backbone's inference setting (``image_size``, ``crop_pct``,
+        ``dataset_interpolation``; EfficientNet-B2 260 and B3 300 px, bicubic), as the reference's
+        inference.py evaluates.
+        """
+        if kind == "reference":
+            return DataTransforms("reference", 224, 224 / 256, "bilinear")
+        if kind == "backbone":
+            return DataTransforms("backbone", self.image_size, self.crop_pct, self.dataset_interpolation)
+        raise ValueError(f"transforms must be one of {TRANSFORMS}, got {kind!r}")
 
     def replace(self, **changes) -> "BackboneConfig":
         return dataclasses.replace(self, **changes)

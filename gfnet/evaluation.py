@@ -68,27 +68,26 @@ class EvaluationResult:
     written: Optional[str] = None
 
 
-def _read_raw(path: str) -> dict:
-    """The checkpoint's dict as stored (weights included), on the CPU."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or "model_name" not in obj:
-        raise ValueError(f"{path} is not a GFNet checkpoint (no 'model_name' field)")
-    return obj
+def _read_raw(path: str, **resolve):
+    """The checkpoint as :func:`gfnet.checkpoint.read_checkpoint` reads it (weights included, on the CPU)."""
+    from gfnet.checkpoint import read_checkpoint
+
+    return read_checkpoint(path, **resolve)
 
 
-def checkpoint_summary(path: str) -> dict:
+def checkpoint_summary(path: str, arch: Optional[str] = None, patch_size: Optional[int] = None,
+                       T: Optional[int] = None) -> dict:
     """The stored results of a checkpoint, read without building a model (eval mode 0).
 
     Returns:
         dict with ``model_arch`` and the reference's fields patch_size, flops, model_flops, policy_flops,
         fc_flops, anytime_classification, budgeted_batch_classification (None where not stored).
     """
-    obj = _read_raw(path)
-    summary = {"model_arch": obj.get("model_name")}
-    summary.update({k: obj.get(k) for k in _SUMMARY_FIELDS})
+    ckpt = _read_raw(path, arch=arch, patch_size=patch_size, T=T, require=False)
+    summary = {"model_arch": ckpt.arch}
+    summary.update({k: ckpt.raw.get(k) for k in _SUMMARY_FIELDS})
+    if summary.get("patch_size") is None:
+        summary["patch_size"] = ckpt.patch_size
     return summary
 
 
@@ -157,7 +156,8 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
                         device=None, dtype=None, train_subset: Optional[int] = None, real_exit: bool = False,
                         backend: str = "dali", write: bool = False, seed: int = 0,
                         real_exit_points: Sequence[int] = DEFAULT_REAL_EXIT_POINTS, num_threads: Optional[int] = None,
-                        log: Optional[Callable[[str], None]] = print) -> EvaluationResult:
+                        log: Optional[Callable[[str], None]] = print, arch: Optional[str] = None,
+                        patch_size: Optional[int] = None, T: Optional[int] = None) -> EvaluationResult:
     """Evaluate a GFNet checkpoint as the reference's inference.py eval modes 0, 1 and 2 do.
 
     Args:
@@ -172,13 +172,15 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
         write: store the new results into the checkpoint (atomically).
         seed: seed of the training subset.
         log: where the report lines go (None: silent).
+        arch, patch_size, T: for files that do not name them (the reference train.py's); checked
+            against the file's otherwise.
     Returns:
         :class:`EvaluationResult`.
     """
     say = log if log is not None else (lambda line: None)
     if eval_mode not in (0, 1, 2):
         raise ValueError(f"eval_mode must be 0, 1 or 2, got {eval_mode}")
-    summary = checkpoint_summary(checkpoint)
+    summary = checkpoint_summary(checkpoint, arch=arch, patch_size=patch_size, T=T)
     result = EvaluationResult(mode=eval_mode, summary=summary)
     if eval_mode == 0:
         for key, value in summary.items():
@@ -191,7 +193,7 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
     from gfnet.data import make_loader
     from gfnet.engine import step_flops
 
-    net = load_checkpoint(checkpoint)
+    net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
     if device is not None:
         net = net.to(device)
     model_device = next(net.parameters()).device
@@ -261,7 +263,7 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
     if write:
         from gfnet.checkpoint import atomic_save
 
-        obj = _read_raw(checkpoint)
+        obj = _read_raw(checkpoint, arch=arch, patch_size=patch_size, T=T).raw
         obj["anytime_classification"] = result.anytime_classification
         obj["budgeted_batch_classification"] = result.budgeted_batch_classification
         if eval_mode == 2:

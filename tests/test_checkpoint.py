@@ -140,3 +140,35 @@ def test_policy_state_dim_matches_patch_size():
     for P in (96, 128, 144):
         net = gfnet.build_model("mobilenetv3_large_100", patch_size=P, T=2, num_classes=10)
         assert net.policy.state_encoder[3].in_features == 32 * math.ceil(P / 32) ** 2
+
+
+@pytest.mark.parametrize("arch,P,T", [c for c in CASES if c[0] in ("regnety_600m", "mobilenetv3_large_100")])
+def test_reference_train_layout_round_trip(tmp_path, images, arch, P, T):
+    """save_checkpoint(layout="reference-train") writes un-prefixed backbone dicts under the reference's
+    key names; stripped of gfnet's extra fields it is a reference train.py file, which loads back given
+    --arch/--patch-size/--T and computes what the original net computes."""
+    torch.manual_seed(2)
+    net = randomise_batchnorm(gfnet.build_model(arch, patch_size=P, T=T)).eval()
+    path = tmp_path / "train.pth.tar"
+    gfnet.save_checkpoint(net, path, layout="reference-train", epoch=3, best_acc=1.5)
+    ckpt = torch.load(path, weights_only=True)
+    keys = [k[len("module."):] for k in EXPECTED_ENCODER_KEYS[arch]]
+    for field in ("model_state_dict", "model_prime_state_dict"):
+        assert not any(k.startswith("module.") for k in ckpt[field])
+        assert all(k in ckpt[field] for k in keys)
+    assert ckpt["epoch"] == 3 and ckpt["optimizer"] is None and ckpt["policy"] is not None
+    for k in ("model_name", "patch_size", "T", "num_classes", "classifier", "gfnet_version", "layout",
+              "trained_policy", "model_flops", "policy_flops", "fc_flops", "flops"):
+        ckpt.pop(k, None)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="pass --arch"):
+        gfnet.load_checkpoint(path)
+    again = gfnet.load_checkpoint(path, arch=arch, patch_size=P, T=T)
+    x = images[224]
+    torch.testing.assert_close(again.anytime_predict(x).probs, net.anytime_predict(x).probs, rtol=0, atol=0)
+    # a net without a trained policy (loaded from a stage-1 file) is written with policy None
+    again.meta["trained_policy"] = False
+    gfnet.save_checkpoint(again, path, layout="reference-train")
+    assert torch.load(path, weights_only=True)["policy"] is None
+    gfnet.save_checkpoint(again, tmp_path / "release.pth.tar")
+    assert torch.load(tmp_path / "release.pth.tar", weights_only=True)["policy"] is not None

@@ -21,7 +21,11 @@ from gfnet.evaluation import DEFAULT_REAL_EXIT_POINTS, DEFAULT_TRAIN_SUBSET, eva
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gfnet-eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a .pth.tar checkpoint (reference or gfnet format)")
+    p.add_argument("--checkpoint", required=True, help="a .pth.tar checkpoint (gfnet's or the reference's, "
+                   "release or train.py layout)")
+    p.add_argument("--arch", default=None, help="backbone, for files that do not name it (the reference train.py's)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size, for files that do not store it")
+    p.add_argument("--T", type=int, default=None, help="sequence length, for files that do not store it")
     p.add_argument("--eval-mode", type=int, choices=(0, 1, 2), required=True,
                    help="0: print stored results; 1: stored thresholds on ROOT/val; "
                         "2: fit thresholds on a training subset, then evaluate on ROOT/val")
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
                             device=args.device, dtype=args.dtype, train_subset=args.train_subset,
                             real_exit=args.real_exit, backend=args.backend, write=args.write, seed=args.seed,
-                            real_exit_points=args.real_exit_points, num_threads=args.num_threads)
+                            real_exit_points=args.real_exit_points, num_threads=args.num_threads,
+                            arch=args.arch, patch_size=args.patch_size, T=args.T)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"gfnet-eval: error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,10 @@ Single process:   gfnet-train --data ROOT --arch resnet50 --patch-size 96 --T 5 
 Several GPUs:     torchrun --nproc-per-node 8 -m gfnet.cli.train ...same arguments...
 Continue a stage: gfnet-train ... --stage 2 --checkpoint runs/s1/model_best.pth.tar --out runs/s2
 Resume a run:     gfnet-train ...same arguments... --resume runs/s2/checkpoint.pth.tar
+
+--checkpoint and --resume read any GFNet checkpoint: gfnet's, the reference's released files and the
+reference train.py's own (which name no backbone, patch size or T: give --arch, --patch-size, --T).
+--save-layout reference-train writes files that the reference's train.py continues from.
 """
 from __future__ import annotations
 
@@ -20,16 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gfnet-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
-    p.add_argument("--arch", required=True, help="reference backbone (resnet50, densenet121, regnety_600m, "
-                   "mobilenetv3_large_100, efficientnet_b2, ...) or a timm CNN name")
-    p.add_argument("--patch-size", type=int, required=True, help="P: glance and patch side (96, 128, 144)")
-    p.add_argument("--T", type=int, required=True, help="maximum number of steps (glance + focus)")
+    p.add_argument("--arch", help="reference backbone (resnet50, densenet121, regnety_600m, "
+                   "mobilenetv3_large_100, efficientnet_b2, ...) or a timm CNN name (default: the checkpoint's)")
+    p.add_argument("--patch-size", type=int, help="P: glance and patch side (96, 128, 144; default: the "
+                   "checkpoint's)")
+    p.add_argument("--T", type=int, help="maximum number of steps, glance + focus (default: the checkpoint's)")
     p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
     p.add_argument("--out", required=True, help="output folder: checkpoint.pth.tar, model_best.pth.tar, train.log")
-    p.add_argument("--init-global", help="stage 1: backbone weights of the global encoder (state dict)")
-    p.add_argument("--init-local", help="stage 1: backbone weights of the local encoder (state dict)")
-    p.add_argument("--checkpoint", help="stages 2/3: the previous stage's GFNet checkpoint")
-    p.add_argument("--resume", help="continue an interrupted run from its checkpoint.pth.tar")
+    p.add_argument("--init-global", help="stage 1: backbone weights of the global encoder (a state dict, or "
+                   "a GFNet checkpoint's model_prime_state_dict)")
+    p.add_argument("--init-local", help="stage 1: backbone weights of the local encoder (a state dict, or "
+                   "a GFNet checkpoint's model_state_dict)")
+    p.add_argument("--checkpoint", help="stages 2/3: the previous stage's GFNet checkpoint (gfnet's or the "
+                   "reference's, release or train.py layout)")
+    p.add_argument("--resume", help="continue an interrupted run from its checkpoint.pth.tar (written by "
+                   "gfnet-train or the reference's train.py)")
+    p.add_argument("--save-layout", choices=("release", "reference-train"), default="release",
+                   help="checkpoint layout: release (module.-prefixed; the reference's inference.py and "
+                        "gfnet-eval) or reference-train (what the reference's train.py continues from)")
     o = p.add_argument_group("overrides (default: the reference's value for the backbone family)")
     o.add_argument("--epochs", type=int)
     o.add_argument("--batch-size", type=int, help="global batch over all processes (reference 256)")
@@ -41,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--train-global", choices=("yes", "no"), help="train the global encoder in stages 1/3")
     o.add_argument("--stage3-actions", choices=("sample", "mean"), default="sample",
                    help="stage 3 patches: sampled around the policy mean as the reference does, or the mean")
+    o.add_argument("--continue-policy", action="store_true",
+                   help="stage 2: continue PPO from the checkpoint's policy (default: a fresh policy, as the "
+                        "reference's train.py)")
+    o.add_argument("--transforms", choices=("reference", "backbone"), default="reference",
+                   help="training images: reference = the reference train.py's 224 px bilinear crops for every "
+                        "backbone; backbone = the backbone's inference size and filter (EfficientNet-B2 260, "
+                        "B3 300 px, bicubic)")
     o.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("runtime")
     r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
@@ -68,7 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         policy_lr=args.policy_lr, weight_decay=args.weight_decay, dsn_ratio=args.dsn_ratio,
         train_global=None if args.train_global is None else args.train_global == "yes",
         stage3_actions=args.stage3_actions, amp=args.amp, channels_last=args.channels_last, seed=args.seed,
-        progress=not args.no_progress)
+        progress=not args.no_progress, continue_policy=args.continue_policy, transforms=args.transforms,
+        save_layout=args.save_layout)
     try:
         history = train_imagefolder(
             args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,

@@ -27,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("patches", help="the glance and focus patches as numbered boxes on each image (PNG)")
-    s.add_argument("--checkpoint", required=True, help="a GFNet checkpoint (reference format or ours)")
+    s.add_argument("--checkpoint", required=True, help="a GFNet checkpoint (gfnet's or the reference's, any layout)")
+    s.add_argument("--arch", default=None, help="backbone, for files that do not name it (the reference train.py's)")
+    s.add_argument("--patch-size", type=int, default=None, help="patch size, for files that do not store it")
+    s.add_argument("--T", type=int, default=None, help="sequence length, for files that do not store it")
     s.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images")
     s.add_argument("--out", required=True, help="the PNG to write")
     s.add_argument("--thresholds", default=None,
@@ -72,7 +75,8 @@ def _patches(args) -> int:
     from gfnet.checkpoint import load_checkpoint
     from gfnet import viz
 
-    net = load_checkpoint(args.checkpoint).to(torch.device(args.device))
+    net = load_checkpoint(args.checkpoint, arch=args.arch, patch_size=args.patch_size, T=args.T)
+    net = net.to(torch.device(args.device))
     S = args.image_size or int(net.meta.get("image_size") or net.config.image_size)
     crop_pct = args.crop_pct if args.crop_pct is not None else float(net.meta.get("crop_pct")
                                                                      or net.config.crop_pct)

@@ -18,54 +18,52 @@ __all__ = ["build_training_model", "train_imagefolder"]
 log = logging.getLogger("gfnet.train")
 
 
-def build_training_model(arch: str, patch_size: int, T: int, stage: int, num_classes: Optional[int] = None,
-                         init_global: Optional[str] = None, init_local: Optional[str] = None,
-                         checkpoint: Optional[str] = None, classifier: Optional[str] = None) -> GFNet:
+def build_training_model(arch: Optional[str], patch_size: Optional[int], T: Optional[int], stage: int,
+                         num_classes: Optional[int] = None, init_global: Optional[str] = None,
+                         init_local: Optional[str] = None, checkpoint: Optional[str] = None,
+                         classifier: Optional[str] = None) -> GFNet:
     """The network a stage starts from.
 
     Stage 1 builds ``arch`` and loads backbone initialisations (plain state dicts: torchvision/timm
     names, ``module.`` prefix allowed, RegNet pycls names mapped) into the global (``init_global``) and
-    local (``init_local``) encoders; stages 2 and 3 continue from the previous stage's ``checkpoint``
-    (reference format), which must match ``arch``, ``patch_size`` and ``T``.
+    local (``init_local``) encoders; stages 2 and 3 continue from the previous stage's ``checkpoint``:
+    any GFNet checkpoint (gfnet's, the reference's released files, the reference train.py's), whose
+    backbone, patch size and T must match ``arch``, ``patch_size`` and ``T`` where both give them
+    (files of the reference's train.py name none: then they come from here).
     """
     from gfnet.checkpoint import load_checkpoint
 
-    if stage == 1:
-        if checkpoint:
-            net = load_checkpoint(checkpoint)
-        else:
-            if num_classes is None:
-                raise ValueError("stage 1 from backbones needs the number of classes")
-            net = build_model(arch, patch_size=patch_size, T=T, num_classes=num_classes, classifier=classifier)
-            for path, encoder, name in ((init_global, net.model_prime, "global"), (init_local, net.model, "local")):
-                if path:
-                    info = load_backbone_weights(encoder, path)
-                    if info["skipped_head"]:
-                        log.info("%s encoder: %s's head has another class count; kept a fresh head",
-                                 name, path)
-                else:
-                    log.warning("no --init-%s: the %s encoder starts from random weights (the reference "
-                                "starts both encoders from ImageNet-trained backbones)", name, name)
-    else:
-        if not checkpoint:
-            raise ValueError(f"stage {stage} continues a previous stage: give --checkpoint PATH "
-                             "(the checkpoint.pth.tar or model_best.pth.tar of the stage before)")
-        if init_global or init_local:
-            raise ValueError("--init-global/--init-local only start stage 1; stages 2 and 3 take --checkpoint")
-        net = load_checkpoint(checkpoint)
-    if checkpoint:
-        mismatch = [f"{k} {have} (file) vs {want} (asked)" for k, have, want in
-                    (("arch", net.arch, arch), ("patch size", net.patch_size, patch_size), ("T", net.T, T))
-                    if want is not None and have != want]
-        if mismatch:
-            raise ValueError(f"{checkpoint} does not match this run: " + "; ".join(mismatch))
-        # Evaluation results of an earlier stage describe other weights.
-        for k in ("anytime_classification", "dynamic_threshold", "budgeted_batch_classification"):
-            net.meta.pop(k, None)
+    if stage == 1 and not checkpoint:
+        missing = [flag for flag, value in (("--arch", arch), ("--patch-size", patch_size), ("--T", T))
+                   if value is None]
+        if missing:
+            raise ValueError(f"stage 1 from backbone weights builds a new GFNet: give {', '.join(missing)}")
+        if num_classes is None:
+            raise ValueError("stage 1 from backbones needs the number of classes")
+        net = build_model(arch, patch_size=patch_size, T=T, num_classes=num_classes, classifier=classifier)
+        for path, encoder, name in ((init_global, net.model_prime, "global"), (init_local, net.model, "local")):
+            if path:
+                info = load_backbone_weights(encoder, path, role=name)
+                if info["skipped_head"]:
+                    log.info("%s encoder: %s's head has another class count; kept a fresh head", name, path)
+            else:
+                log.warning("no --init-%s: the %s encoder starts from random weights (the reference "
+                            "starts both encoders from ImageNet-trained backbones)", name, name)
+        return net
+    if not checkpoint:
+        raise ValueError(f"stage {stage} continues a previous stage: give --checkpoint PATH "
+                         "(the checkpoint.pth.tar or model_best.pth.tar of the stage before)")
+    if init_global or init_local:
+        raise ValueError("--init-global/--init-local only start stage 1; stages 2 and 3 take --checkpoint")
+    net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
+    # Evaluation results of an earlier stage describe other weights.
+    for k in ("anytime_classification", "dynamic_threshold", "budgeted_batch_classification"):
+        net.meta.pop(k, None)
     return net
 
 
-def train_imagefolder(data: str, arch: str, patch_size: int, T: int, stage: int, out: str,
+def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int], T: Optional[int], stage: int,
+                      out: str,
                       options: Optional[TrainOptions] = None, init_global: Optional[str] = None,
                       init_local: Optional[str] = None, checkpoint: Optional[str] = None,
                       resume: Optional[str] = None, backend: str = "dali", workers: Optional[int] = None,
@@ -76,6 +74,12 @@ def train_imagefolder(data: str, arch: str, patch_size: int, T: int, stage: int,
     ``options.batch_size`` is the global batch, split evenly). ``uint8=True`` has the loader hand
     uint8 images to the fused glance/focus ops, which normalise them in their own pass.
 
+    ``resume`` (a checkpoint.pth.tar written during training, by gfnet-train or the reference's
+    train.py) is the whole starting point: weights, optimiser states and epoch come from it, and
+    ``checkpoint``/``init_*`` are not read. ``arch``, ``patch_size`` and ``T`` may be None where the
+    starting file names them. The images are shaped by ``options.transforms`` (by default the
+    reference train.py's 224 px bilinear crops for every backbone).
+
     Returns the per-epoch history (loss, train and validation anytime accuracy, images/s).
     """
     from gfnet.data import make_loader
@@ -85,18 +89,25 @@ def train_imagefolder(data: str, arch: str, patch_size: int, T: int, stage: int,
         options = TrainOptions(**{**options.__dict__, "stage": stage})
     ctx = init_distributed(device)
     torch.manual_seed(options.seed)
-    probe = None
-    num_classes = None
-    if stage == 1 and not checkpoint:
-        probe = make_loader(data, train=True, batch_size=1, backend="torchvision", num_threads=0)
-        num_classes = len(probe.classes)
-    net = build_training_model(arch, patch_size, T, stage, num_classes, init_global, init_local, checkpoint)
+    if resume:
+        from gfnet.checkpoint import load_checkpoint
+
+        if checkpoint or init_global or init_local:
+            log.info("--resume %s: weights come from it; --checkpoint/--init-* are not read", resume)
+        net = load_checkpoint(resume, arch=arch, patch_size=patch_size, T=T)
+    else:
+        num_classes = None
+        if stage == 1 and not checkpoint:
+            probe = make_loader(data, train=True, batch_size=1, backend="torchvision", num_threads=0)
+            num_classes = len(probe.classes)
+        net = build_training_model(arch, patch_size, T, stage, num_classes, init_global, init_local, checkpoint)
     resolved = options.resolved(net)
+    spec = net.config.train_transforms(resolved.transforms)
     if resolved.batch_size % ctx.world_size:
         raise ValueError(f"batch size {resolved.batch_size} does not split over {ctx.world_size} processes")
     per_process = resolved.batch_size // ctx.world_size
-    loader_args = dict(batch_size=per_process, image_size=net.image_size, crop_pct=net.config.crop_pct,
-                       interpolation=net.config.dataset_interpolation, backend=backend,
+    loader_args = dict(batch_size=per_process, image_size=spec.image_size, crop_pct=spec.crop_pct,
+                       interpolation=spec.interpolation, backend=backend,
                        device=ctx.device, num_threads=workers, shard_id=ctx.rank, num_shards=ctx.world_size,
                        seed=options.seed, output="uint8" if uint8 else "float")
     train_loader = make_loader(data, train=True, **loader_args)

@@ -5,7 +5,9 @@ or many processes.
   when the family trains it: ResNet, DenseNet, RegNet) and the classifier learn the deep-supervised loss
   (:class:`~gfnet.train.objective.SequenceObjective`).
 - Stage 2 (policy): encoders and classifier frozen in eval mode; PPO on the policy, one update per
-  batch (:mod:`gfnet.train.rollout`, :class:`~gfnet.train.objective.PPOObjective`), Adam lr 3e-4.
+  batch (:mod:`gfnet.train.rollout`, :class:`~gfnet.train.objective.PPOObjective`), Adam lr 3e-4. Like
+  the reference's train.py, PPO starts from a freshly initialised policy whatever the checkpoint holds;
+  ``continue_policy=True`` continues the net's policy instead.
 - Stage 3 (fine-tune): stage 1's loss with patches chosen by the learned (frozen) policy. The
   reference's ``train.py`` samples them from N(mean, 0.1^2) clamped to [0, 1] (its ``select_action``
   defaults to exploration and only validation passes ``training=False``); that is our default
@@ -15,6 +17,10 @@ Optimisation as in the reference: SGD (Nesterov, momentum 0.9, weight decay) wit
 group per encoder and one for the classifier, each on a cosine schedule stepped once per epoch:
 lr(e) = 0.5 * base * (1 + cos(pi * e / epochs)). Mixed precision: bf16 autocast, or fp16 autocast
 with a gradient scaler. Under torchrun every process trains on its shard and DDP averages gradients.
+
+Checkpoints come in the release layout (default) or, with ``save_layout="reference-train"``, in the
+layout the reference's train.py continues from (:mod:`gfnet.checkpoint`); :meth:`Trainer.load_training_state`
+resumes from either and from the reference train.py's own files.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gfnet.checkpoint import atomic_save, checkpoint_dict
+from gfnet.checkpoint import LAYOUTS, atomic_save, checkpoint_dict, load_weights, read_checkpoint
+from gfnet.config import TRANSFORMS
 from gfnet.flops import compute_flops
 from gfnet.models.gfnet import GFNet
 from gfnet.models.policy import ACTION_STD
@@ -38,7 +45,8 @@ from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
-from gfnet.train.weights import load_network_weights
+from gfnet.train.weights import (adam_state_to_reference, fresh_adam_state, load_sgd_state, reset_policy,
+                                  sgd_parameter_groups, sgd_state_to_reference)
 
 __all__ = ["TrainOptions", "Trainer", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
 
@@ -68,6 +76,15 @@ class TrainOptions:
             3e-4, one epoch per batch, eps 0.2, discount 0.7, 0.5, 0.01).
         action_std: exploration standard deviation (0.1). stage3_actions: "sample" (the reference) or
             "mean". glance_mode: the glance's interpolation in training (the reference: bicubic).
+        continue_policy: stage 2 continues from the net's policy; False (the reference's train.py)
+            starts PPO from a freshly initialised policy (seeded by ``seed``), whatever the checkpoint holds.
+        transforms: the training data's geometry (:meth:`gfnet.config.BackboneConfig.train_transforms`):
+            "reference" (the reference train.py's, 224 px bilinear for every backbone) or "backbone"
+            (the backbone's inference size and filter: EfficientNet-B2 260, B3 300 px, bicubic).
+            :func:`~gfnet.train.session.train_imagefolder` builds its loaders from it; recorded in the
+            checkpoint and the log.
+        save_layout: checkpoint layout, "release" (the reference's inference.py and gfnet-eval read it)
+            or "reference-train" (the reference's train.py continues from it: stages 2/3, --resume).
         amp: "none", "bf16" or "fp16". channels_last: encoders in channels-last memory format.
         seed: seeds every generator (process k gets seed + k) at the start of a fresh run.
         progress: show a tqdm bar (main process only). log_every: steps between bar/log updates
@@ -102,6 +119,9 @@ class TrainOptions:
     progress: bool = True
     log_every: int = 10
     find_unused_parameters: bool = False
+    continue_policy: bool = False
+    transforms: str = "reference"
+    save_layout: str = "release"
 
     def resolved(self, net: GFNet) -> "TrainOptions":
         """A copy with every ``None`` replaced by the backbone family's reference default."""
@@ -111,6 +131,10 @@ class TrainOptions:
             raise ValueError(f"amp must be one of {sorted(AMP_MODES)}, got {self.amp!r}")
         if self.stage3_actions not in ("sample", "mean"):
             raise ValueError(f"stage3_actions must be 'sample' or 'mean', got {self.stage3_actions!r}")
+        if self.transforms not in TRANSFORMS:
+            raise ValueError(f"transforms must be one of {TRANSFORMS}, got {self.transforms!r}")
+        if self.save_layout not in LAYOUTS:
+            raise ValueError(f"save_layout must be one of {LAYOUTS}, got {self.save_layout!r}")
         tc = net.config.train
         defaults = dict(
             epochs=tc.policy_epochs if self.stage == 2 else tc.epochs, batch_size=tc.batch_size,
@@ -178,6 +202,11 @@ class Trainer:
         self.best_acc = 0.0
         self.history: list[dict] = []
         self._log_handler = None
+        self._check_policy_and_layout()
+        if self.options.stage == 2 and not self.options.continue_policy:
+            # The reference's stage 2 starts PPO from a new policy whatever the checkpoint holds (its
+            # stage-1 files store none). Seeded alike on every process, before DDP wraps the objective.
+            reset_policy(net, self.options.seed)
         self._configure_parameters()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.options.amp == "fp16")
 
@@ -196,17 +225,12 @@ class Trainer:
             self.objective = PPOObjective(net.policy, o.ppo_clip, o.value_coef, o.entropy_coef, o.action_std)
             self.ppo_optimizer = torch.optim.Adam(net.policy.parameters(), lr=o.policy_lr, betas=tuple(o.policy_betas))
         else:
-            encoders = [net.model] + ([net.model_prime] if o.train_global else [])
-            fc_params = list(self._used_classifier_parameters())
-            for module in encoders:
-                for p in module.parameters():
-                    p.requires_grad_(True)
-            for p in fc_params:
-                p.requires_grad_(True)
-            groups = [{"params": list(m.parameters()), "base_lr": o.backbone_lr, "name": name}
-                      for m, name in zip(encoders, ("model", "model_prime"))]
-            groups.append({"params": fc_params, "base_lr": o.fc_lr, "name": "fc"})
+            groups = [{"params": [p for _, p in named], "name": name,
+                       "base_lr": o.fc_lr if name == "fc" else o.backbone_lr}
+                      for name, named in sgd_parameter_groups(net, o.train_global)]
             for g in groups:
+                for p in g["params"]:
+                    p.requires_grad_(True)
                 g["lr"] = g["base_lr"]
             self.optimizer = torch.optim.SGD(groups, lr=o.backbone_lr, momentum=o.momentum,
                                              nesterov=o.nesterov, weight_decay=o.weight_decay)
@@ -214,14 +238,23 @@ class Trainer:
         self.wrapped = (DistributedDataParallel(self.objective, **ddp_kwargs) if self.ctx.enabled
                         else self.objective)
 
-    def _used_classifier_parameters(self):
-        # The cascade holds fc_2..fc_5 even for T < 5 (the reference's layout); layers beyond fc_T never
-        # see data, so they stay out of the optimiser (and DDP needs no unused-parameter search).
-        fc = self.net.fc
-        for name, p in fc.named_parameters():
-            if not fc.is_rnn and int(name.split(".")[0].split("_")[1]) > self.net.T:
-                continue
-            yield p
+    def _check_policy_and_layout(self) -> None:
+        o, net = self.options, self.net
+        untrained = net.meta.get("trained_policy") is False  # a checkpoint with policy None, or stage 1's
+        if o.stage == 2 and o.continue_policy and untrained:
+            raise ValueError("continue_policy (--continue-policy) continues a trained policy, and this net has "
+                             "none (its checkpoint stores policy None or comes from stage 1): drop it to start "
+                             "PPO from a fresh policy, as the reference does")
+        if o.stage == 3 and untrained:
+            raise ValueError("stage 3 fine-tunes with the policy that stage 2 trained, and this net has none (its "
+                             "checkpoint stores policy None or comes from stage 1): start stage 3 from a stage-2 "
+                             "checkpoint")
+        if o.save_layout == "reference-train" and o.stage != 2 and o.train_global != net.config.train.train_model_prime:
+            raise ValueError(
+                f"the reference's train.py {'trains' if net.config.train.train_model_prime else 'freezes'} the global "
+                f"encoder of {net.arch} and builds its optimizer accordingly; save_layout 'reference-train' "
+                f"(--save-layout) needs train_global={net.config.train.train_model_prime} (--train-global "
+                f"{'yes' if net.config.train.train_model_prime else 'no'})")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -241,6 +274,12 @@ class Trainer:
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = cosine_lr(g["base_lr"], epoch, self.options.epochs)
+
+    @property
+    def data_transforms(self):
+        """The training data geometry that ``options.transforms`` names for this backbone
+        (:class:`gfnet.config.DataTransforms`)."""
+        return self.net.config.train_transforms(self.options.transforms)
 
     @property
     def action_mode(self) -> str:
@@ -375,6 +414,15 @@ class Trainer:
                 log.info("stage %d, %d epoch(s), %d process(es) on %s, amp %s; options %s", self.options.stage,
                          self.options.epochs, self.ctx.world_size, self.device, self.options.amp,
                          dataclasses.asdict(self.options))
+                spec = self.data_transforms
+                log.info("data transforms %r: %d px, validation crop_pct %.4g, %s%s; checkpoint layout %r",
+                         spec.name, spec.image_size, spec.crop_pct, spec.interpolation,
+                         " (the reference train.py's)" if spec.name == "reference" else " (the backbone's inference "
+                         "setting)", self.options.save_layout)
+                if self.options.stage == 2:
+                    log.info("stage 2 policy: %s", f"restored from {resume}" if resume else
+                             "continued from the checkpoint" if self.options.continue_policy else
+                             f"freshly initialised (seed {self.options.seed}), as the reference's train.py")
             while self.epoch < self.options.epochs:
                 epoch = self.epoch
                 record = {"epoch": epoch + 1, **self.train_epoch(train_loader, epoch)}
@@ -390,6 +438,8 @@ class Trainer:
                 record["acc"], record["best_acc"] = acc, self.best_acc
                 self.epoch = epoch + 1
                 self.history.append(record)
+                if self.options.stage == 2:
+                    self.net.meta["trained_policy"] = True
                 if val_loader is not None:
                     self.net.meta["anytime_classification"] = record["val_acc"]
                 self.save(is_best)
@@ -417,18 +467,29 @@ class Trainer:
         }
 
     def checkpoint(self) -> dict:
-        """The reference-format checkpoint of the current state plus the training state (collective)."""
+        """The checkpoint of the current state, in ``options.save_layout``, plus the training state
+        (collective under DDP)."""
+        o = self.options
         state = self.training_state()
-        obj = checkpoint_dict(self.net)
-        obj.update({
-            # the reference train.py's own resume fields:
-            "epoch": self.epoch, "best_acc": self.best_acc,
-            "acc": self.history[-1]["acc"] if self.history else None,
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "ppo_optimizer": self.ppo_optimizer.state_dict() if self.ppo_optimizer is not None else None,
-            "train_state": state,
-        })
-        return obj
+        state["train_transforms"] = dataclasses.asdict(self.data_transforms)
+        fields = {"epoch": self.epoch, "best_acc": self.best_acc,
+                  "acc": self.history[-1]["acc"] if self.history else None, "train_state": state}
+        if o.save_layout == "release":
+            fields["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
+            fields["ppo_optimizer"] = self.ppo_optimizer.state_dict() if self.ppo_optimizer is not None else None
+        else:
+            # What the reference's train.py writes: its SGD's groups in its parameter order (stages 1, 3),
+            # PPO's Adam (stage 2; stage 3 builds one that never steps, and --resume loads it), and no
+            # policy in stage 1.
+            fields["optimizer"] = (sgd_state_to_reference(self.optimizer, self.net, o.train_global)
+                                   if self.optimizer is not None else None)
+            if self.ppo_optimizer is not None:
+                fields["ppo_optimizer"] = adam_state_to_reference(self.ppo_optimizer.state_dict())
+            else:
+                fields["ppo_optimizer"] = fresh_adam_state(self.net, o.policy_lr, o.policy_betas) if o.stage == 3 else None
+            if o.stage == 1:
+                fields["policy"] = None
+        return checkpoint_dict(self.net, layout=o.save_layout, **fields)
 
     def save(self, is_best: bool = False) -> None:
         """Write ``checkpoint.pth.tar`` (and ``model_best.pth.tar``) atomically to ``out_dir`` (main process)."""
@@ -443,37 +504,63 @@ class Trainer:
         self.ctx.barrier()
 
     def load_training_state(self, path: str) -> None:
-        """Restore everything :meth:`checkpoint` wrote (weights, optimisers, scaler, counters, RNG)."""
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        state = obj.get("train_state") if isinstance(obj, dict) else None
-        if state is None:
-            raise ValueError(f"{path} holds no training state: --resume takes the checkpoint.pth.tar that "
-                             "gfnet-train writes each epoch (to start a stage from weights, use --checkpoint)")
-        if state["stage"] != self.options.stage:
-            raise ValueError(f"{path} is a stage-{state['stage']} run; this one is stage {self.options.stage}")
-        if obj["model_name"] != self.net.arch or int(obj["patch_size"]) != self.net.patch_size:
-            raise ValueError(f"{path} trains {obj['model_name']} with patch size {obj['patch_size']}, not "
-                             f"{self.net.arch} with {self.net.patch_size}")
-        load_network_weights(self.net, obj)
+        """Restore a run from a checkpoint written during training: gfnet's (either layout) or the
+        reference train.py's.
+
+        Weights (with batch-norm statistics), the SGD / Adam states (re-indexed from the reference's
+        parameter order where needed), the epoch and the best accuracy come from any of them; gfnet's
+        files add the gradient scaler, the step counter, the history and every process's RNG states.
+        A reference file has none of these: the step counter and history restart empty and the random
+        streams restart from seed + rank + epoch.
+        """
+        o, net = self.options, self.net
+        ckpt = read_checkpoint(path, arch=net.arch, patch_size=net.patch_size, T=net.T)
+        obj = ckpt.raw
+        state = obj.get("train_state")
+        if ckpt.stage is None:
+            raise ValueError(f"{path} holds no training state: --resume takes the checkpoint.pth.tar written "
+                             "during training (by gfnet-train or the reference's train.py); to start a stage "
+                             "from weights, use --checkpoint")
+        if ckpt.stage != o.stage:
+            raise ValueError(f"{path} is a stage-{ckpt.stage} run; this one is stage {o.stage}")
+        if ckpt.num_classes != net.num_classes:
+            raise ValueError(f"{path} classifies {ckpt.num_classes} classes, this run's net {net.num_classes}")
+        if o.stage == 3 and obj["policy"] is None:
+            raise ValueError(f"{path} is a stage-3 file without a policy: it cannot continue stage 3")
+        load_weights(net, ckpt)
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(obj["optimizer"])
+            found = load_sgd_state(self.optimizer, obj.get("optimizer"), net, o.train_global, path)
+            log.debug("%s: SGD state in the %s layout", path, found)
         if self.ppo_optimizer is not None:
-            self.ppo_optimizer.load_state_dict(obj["ppo_optimizer"])
-        if state.get("scaler") is not None and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.global_step = int(obj["epoch"]), int(state["global_step"])
-        self.best_acc = float(obj["best_acc"])
-        self.history = list(state["history"])
+            saved = obj.get("ppo_optimizer")
+            if not isinstance(saved, dict) or "param_groups" not in saved:
+                raise ValueError(f"{path} holds no PPO optimizer state ('ppo_optimizer' is "
+                                 f"{type(saved).__name__}): --resume takes a stage-2 file")
+            self.ppo_optimizer.load_state_dict(saved)
+        if o.stage == 2 and int(obj["epoch"]) > 0:
+            net.meta["trained_policy"] = True
+        self.epoch = int(obj["epoch"])
+        self.best_acc = float(obj["best_acc"]) if obj.get("best_acc") is not None else 0.0
         for k in ("flops", "model_flops", "policy_flops", "fc_flops", "anytime_classification"):
             if obj.get(k) is not None:
-                self.net.meta[k] = obj[k]
+                net.meta[k] = obj[k]
+        if not isinstance(state, dict):
+            log.warning("%s was written by the reference's train.py: it stores no step counter, history or "
+                        "random states; random streams restart from seed %d + epoch", path, o.seed)
+            self.global_step, self.history = 0, []
+            seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
+            return
+        if state.get("scaler") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
         rng = state["rng"]
         if len(rng) == self.ctx.world_size:
             restore_rng_state(rng[self.ctx.rank])
         else:
             log.warning("%s was written by %d process(es), this run has %d: random streams restart from "
-                        "seed %d + epoch", path, len(rng), self.ctx.world_size, self.options.seed)
-            seed_everything(self.options.seed + self.ctx.rank + 7919 * self.epoch)
+                        "seed %d + epoch", path, len(rng), self.ctx.world_size, o.seed)
+            seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
 
     # ------------------------------------------------------------------ logging
     def _open_log(self) -> None:
