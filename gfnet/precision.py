@@ -11,7 +11,7 @@ import torch
 __all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "default_amp"]
 
 # name -> the autocast dtype (None: no autocast, fp32)
-AMP_DTYPES = {"fp32": None, "float32": None, None: None, torch.float32: None,
+AMP_DTYPES = {"fp32": None, "float32": None, "none": None, None: None, torch.float32: None,
               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
               "fp16": torch.float16, "float16": torch.float16, torch.float16: torch.float16}
 

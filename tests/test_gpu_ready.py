@@ -153,3 +153,17 @@ def test_gpucheck_refuses_a_file_as_its_folder(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         gpucheck.main(["--dry-run", "--out", str(target)])
     assert exit_info.value.code == 2
+
+
+def test_gpu_defaults(monkeypatch):
+    from gfnet.precision import default_amp
+    from gfnet.train import Trainer, TrainOptions
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_amp("cuda:0") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_amp("cuda:0") == "fp16"  # pre-Ampere cards: fp16 with a GradScaler
+    trainer = Trainer(_net().train(), TrainOptions(stage=1, epochs=1))
+    assert trainer.options.amp == "none" and trainer.amp_dtype is None  # auto on the CPU: fp32
+    benchmark = torch.backends.cudnn.benchmark
+    gfnet.device.configure_device(torch.device("cpu"))  # nothing changes on the CPU
+    assert torch.backends.cudnn.benchmark == benchmark

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "B3 300 px, bicubic)")
     o.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("runtime")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    r.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="mixed precision (auto: bf16 on GPUs that have it, fp16 on older ones, none on the CPU)")
     r.add_argument("--channels-last", action="store_true", help="channels-last encoders")
     r.add_argument("--device", help="cpu, cuda, cuda:K (default: this process's GPU if any, else cpu)")
     r.add_argument("--backend", choices=("dali", "torchvision"), default="dali", help="input pipeline")

@@ -38,9 +38,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gfnet.checkpoint import LAYOUTS, atomic_save, checkpoint_dict, load_weights, read_checkpoint
 from gfnet.config import TRANSFORMS
+from gfnet.device import configure_device
 from gfnet.flops import compute_flops
 from gfnet.models.gfnet import GFNet
 from gfnet.models.policy import ACTION_STD
+from gfnet.precision import amp_dtype, default_amp
 from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -52,7 +54,8 @@ __all__ = ["TrainOptions", "Trainer", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME
 
 log = logging.getLogger("gfnet.train")
 
-AMP_MODES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "auto": on a GPU the mixed precision users expect (bf16 where the card has it, else fp16), fp32 on the CPU
+AMP_MODES = ("auto", "none", "bf16", "fp16")
 #: File names in the output folder (the reference's): the last epoch's and the best epoch's checkpoint.
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
@@ -85,7 +88,8 @@ class TrainOptions:
             checkpoint and the log.
         save_layout: checkpoint layout, "release" (the reference's inference.py and gfnet-eval read it)
             or "reference-train" (the reference's train.py continues from it: stages 2/3, --resume).
-        amp: "none", "bf16" or "fp16". channels_last: encoders in channels-last memory format.
+        amp: "auto" (default: bf16 autocast on GPUs that have it, fp16 with a GradScaler on older ones,
+            none on the CPU), "none", "bf16" or "fp16". channels_last: encoders in channels-last memory format.
         seed: seeds every generator (process k gets seed + k) at the start of a fresh run.
         progress: show a tqdm bar (main process only). log_every: steps between bar/log updates
             (each update costs a host synchronisation).
@@ -113,7 +117,7 @@ class TrainOptions:
     action_std: float = ACTION_STD
     stage3_actions: str = "sample"
     glance_mode: Optional[str] = "bicubic"
-    amp: str = "none"
+    amp: str = "auto"
     channels_last: bool = False
     seed: int = 0
     progress: bool = True
@@ -128,7 +132,7 @@ class TrainOptions:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {sorted(AMP_MODES)}, got {self.amp!r}")
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.stage3_actions not in ("sample", "mean"):
             raise ValueError(f"stage3_actions must be 'sample' or 'mean', got {self.stage3_actions!r}")
         if self.transforms not in TRANSFORMS:
@@ -192,7 +196,11 @@ class Trainer:
         self.out_dir = out_dir
         self.save_best = save_best
         self.device = self.ctx.device
-        self.amp_dtype = AMP_MODES[self.options.amp]
+        if self.options.amp == "auto":
+            amp = default_amp(self.device) if self.device.type == "cuda" else "none"
+            self.options = dataclasses.replace(self.options, amp=amp)
+        self.amp_dtype = amp_dtype(self.options.amp)
+        configure_device(self.device)  # cuDNN benchmark and TF32 on a GPU
         if self.options.channels_last:
             net.to_channels_last()
         if net.meta.get("flops") is None:
