@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="mixed precision (auto: bf16 on GPUs that have it, fp16 on older ones, none on the CPU)")
     r.add_argument("--channels-last", action="store_true", help="channels-last encoders")
+    r.add_argument("--compile", action="store_true",
+                   help="compile the encoders with torch.compile (the first steps take longer while they compile)")
     r.add_argument("--device", help="cpu, cuda, cuda:K (default: this process's GPU if any, else cpu)")
     r.add_argument("--backend", choices=("dali", "torchvision"), default="dali", help="input pipeline")
     r.add_argument("--workers", type=int, help="DALI threads / DataLoader workers per process")
@@ -87,7 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, backbone_lr=args.lr, fc_lr=args.fc_lr,
         policy_lr=args.policy_lr, weight_decay=args.weight_decay, dsn_ratio=args.dsn_ratio,
         train_global=None if args.train_global is None else args.train_global == "yes",
-        stage3_actions=args.stage3_actions, amp=args.amp, channels_last=args.channels_last, seed=args.seed,
+        stage3_actions=args.stage3_actions, amp=args.amp, channels_last=args.channels_last,
+        compile=args.compile, seed=args.seed,
         progress=not args.no_progress, continue_policy=args.continue_policy, transforms=args.transforms,
         save_layout=args.save_layout)
     try:

@@ -90,6 +90,7 @@ class TrainOptions:
             or "reference-train" (the reference's train.py continues from it: stages 2/3, --resume).
         amp: "auto" (default: bf16 autocast on GPUs that have it, fp16 with a GradScaler on older ones,
             none on the CPU), "none", "bf16" or "fp16". channels_last: encoders in channels-last memory format.
+        compile: compile the encoders with torch.compile (:meth:`GFNet.compile`; the first steps compile).
         seed: seeds every generator (process k gets seed + k) at the start of a fresh run.
         progress: show a tqdm bar (main process only). log_every: steps between bar/log updates
             (each update costs a host synchronisation).
@@ -119,6 +120,7 @@ class TrainOptions:
     glance_mode: Optional[str] = "bicubic"
     amp: str = "auto"
     channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     progress: bool = True
     log_every: int = 10
@@ -203,6 +205,8 @@ class Trainer:
         configure_device(self.device)  # cuDNN benchmark and TF32 on a GPU
         if self.options.channels_last:
             net.to_channels_last()
+        if self.options.compile and net.compiled is None:
+            net.compile()
         if net.meta.get("flops") is None:
             net.meta.update(compute_flops(net))
         self.epoch = 0

@@ -1,0 +1,77 @@
+"""net.compile(): the encoders compiled with torch.compile agree with eager to float rounding in anytime and
+budgeted inference and in training, and the varying batches of budgeted inference recompile a bounded number of
+times (issue 14). On the CPU with inductor: tens of seconds of compilation, shared through a module fixture."""
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import gfnet
+from gfnet import budget
+from gfnet.engine import budgeted_predict
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = gfnet.build_model("resnet10t", patch_size=32, T=3, num_classes=10, classifier="gru").eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Linear) and module.out_features == 10:
+                module.weight.mul_(25.0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch._dynamo.reset()
+    eager = _net()
+    compiled = copy.deepcopy(eager).compile()
+    return eager, compiled
+
+
+def test_compiled_anytime_equals_eager(nets):
+    eager, compiled = nets
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    want = eager.anytime_predict(images)
+    got = compiled.anytime_predict(images)
+    assert compiled.compiled["backend"] == "inductor"
+    torch.testing.assert_close(got.probs, want.probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.actions, want.actions, atol=1e-5, rtol=1e-4)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints unchanged
+
+
+def test_budgeted_batches_recompile_a_bounded_number_of_times(nets):
+    eager, compiled = nets
+    images = torch.rand(37, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    reference = eager.anytime_predict(images)
+    thresholds, margin = budget.separated_thresholds(budget.confidences(reference.probs)[0], (0.3, 0.3))
+    want = budgeted_predict(eager, images, thresholds, batch_size=8, flops=[1, 2, 3])
+    got = budgeted_predict(compiled, images, thresholds, batch_size=8, flops=[1, 2, 3])
+    assert torch.equal(got.exit_step, want.exit_step) and torch.equal(got.preds, want.preds)
+    graphs = counters["stats"]["unique_graphs"]
+    # partial batches of many sizes (the stream's tail, the patches of each step): after one recompilation per
+    # encoder the batch dimension is dynamic, so another stream of other sizes compiles nothing new
+    budgeted_predict(compiled, images[:29], thresholds, batch_size=8, flops=[1, 2, 3])
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert graphs <= 6
+
+
+def test_compiled_training_step_equals_eager():
+    from gfnet.train import Trainer, TrainOptions
+    torch._dynamo.reset()
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    labels = torch.tensor([1, 2, 3, 4])
+    results = []
+    for use_compile in (False, True):
+        net = _net(seed=5).train()
+        if use_compile:  # aot_eager: the traced forward and backward graphs, without inductor's code generation
+            net.compile(backend="aot_eager")
+        trainer = Trainer(net, TrainOptions(stage=1, epochs=1, amp="none", compile=use_compile, seed=3))
+        torch.manual_seed(7)
+        loss = float(trainer.train_step(images, labels)["loss"])
+        results.append((loss, {k: v.clone() for k, v in net.state_dict().items()}))
+    (loss_e, state_e), (loss_c, state_c) = results
+    assert loss_c == pytest.approx(loss_e, rel=1e-5)
+    for key in state_e:
+        torch.testing.assert_close(state_c[key], state_e[key], atol=1e-5, rtol=1e-4, msg=key)
