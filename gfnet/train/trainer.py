@@ -389,13 +389,10 @@ class Trainer:
         try:
             for images, labels in loader:
                 images, labels = images.to(self.device), labels.to(self.device)
+                random = (lambda t, state, n=images.shape[0]: torch.rand(n, 2, device=self.device)) \
+                    if self.options.stage == 1 else None
                 with self._autocast():
-                    out = net.step(0, images, glance_mode=self.options.glance_mode)
-                    correct[0] += (out.logits.argmax(1) == labels).sum()
-                    for t in range(1, net.T):
-                        actions = torch.rand(images.shape[0], 2, device=self.device) \
-                            if self.options.stage == 1 else None
-                        out = net.step(t, images, out.state, actions=actions)
+                    for t, out in enumerate(net.steps(images, actions=random, glance_mode=self.options.glance_mode)):
                         correct[t] += (out.logits.argmax(1) == labels).sum()
                 n_images += labels.shape[0]
         finally:
