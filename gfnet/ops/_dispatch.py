@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from gfnet._extension import ExtensionMissing, extension
+from gfnet.device import device_guard
 
 __all__ = ["BACKENDS", "select_backend", "use_backend", "current_backend", "triton_kernels", "cpu_kernels"]
 
@@ -124,6 +125,20 @@ def alert_not_deterministic(caller: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
     else:
         raise RuntimeError(message)
+
+
+def register_kernels(op, run, images_arg: int = 0) -> None:
+    """Register ``run(backend, *op_args)`` as the op's kernel for CPU and for CUDA tensors (``args[images_arg]``
+    is the images): on the CPU the chosen kernel runs as it is, on CUDA under a guard for the images' device,
+    so that Triton launches (on the current device) go to the GPU that holds the tensors."""
+    @op.register_kernel("cpu")
+    def _cpu(*args):
+        return run(select_backend(args[images_arg]), *args)
+
+    @op.register_kernel("cuda")
+    def _cuda(*args):
+        with device_guard(args[images_arg]):
+            return run(select_backend(args[images_arg]), *args)
 
 
 def triton_kernels(name: str):

@@ -11,10 +11,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from gfnet.device import device_guard
 from gfnet.kernels.focus_crop import focus_corners, focus_crop_ref
 from gfnet.ops import _checks as C
-from gfnet.ops._dispatch import cpu_kernels, select_backend, triton_kernels, use_backend
+from gfnet.ops._dispatch import cpu_kernels, register_kernels, select_backend, triton_kernels, use_backend
 
 __all__ = ["focus_crop", "focus_corners"]
 
@@ -38,15 +37,7 @@ def _focus_crop_op(images: torch.Tensor, actions: torch.Tensor, patch_size: int,
     return _run("torch", images, actions, patch_size, mean, std, out_dtype, channels_last)
 
 
-@_focus_crop_op.register_kernel("cpu")
-def _(images, actions, patch_size, mean, std, out_dtype, channels_last):
-    return _run(select_backend(images), images, actions, patch_size, mean, std, out_dtype, channels_last)
-
-
-@_focus_crop_op.register_kernel("cuda")
-def _(images, actions, patch_size, mean, std, out_dtype, channels_last):
-    with device_guard(images):
-        return _run(select_backend(images), images, actions, patch_size, mean, std, out_dtype, channels_last)
+register_kernels(_focus_crop_op, _run)
 
 
 @_focus_crop_op.register_fake

@@ -12,10 +12,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from gfnet.device import device_guard
 from gfnet.kernels.focus_crop_bilinear import focus_crop_bilinear_ref
 from gfnet.ops import _checks as C
-from gfnet.ops._dispatch import alert_not_deterministic, cpu_kernels, select_backend, triton_kernels, use_backend
+from gfnet.ops._dispatch import (
+    alert_not_deterministic, cpu_kernels, register_kernels, select_backend, triton_kernels, use_backend,
+)
 
 __all__ = ["focus_crop_bilinear"]
 
@@ -41,16 +42,7 @@ def _bilinear_op(images: torch.Tensor, centers: torch.Tensor, patch_size: int, s
     return _run("torch", images, centers, patch_size, scale, mean, std, out_dtype, channels_last)
 
 
-@_bilinear_op.register_kernel("cpu")
-def _(images, centers, patch_size, scale, mean, std, out_dtype, channels_last):
-    return _run(select_backend(images), images, centers, patch_size, scale, mean, std, out_dtype, channels_last)
-
-
-@_bilinear_op.register_kernel("cuda")
-def _(images, centers, patch_size, scale, mean, std, out_dtype, channels_last):
-    with device_guard(images):
-        return _run(select_backend(images), images, centers, patch_size, scale, mean, std, out_dtype,
-                    channels_last)
+register_kernels(_bilinear_op, _run)
 
 
 @_bilinear_op.register_fake
@@ -94,17 +86,10 @@ def _bilinear_backward_op(grad_out: torch.Tensor, images: torch.Tensor, centers:
                        f"{images.device.type}")
 
 
-@_bilinear_backward_op.register_kernel("cpu")
-def _(grad_out, images, centers, patch_size, scale, mean, std, need_images, need_centers):
-    return _run_backward(select_backend(images), grad_out, images, centers, scale, mean, std, need_images,
-                         need_centers)
-
-
-@_bilinear_backward_op.register_kernel("cuda")
-def _(grad_out, images, centers, patch_size, scale, mean, std, need_images, need_centers):
-    with device_guard(images):
-        return _run_backward(select_backend(images), grad_out, images, centers, scale, mean, std, need_images,
-                             need_centers)
+register_kernels(_bilinear_backward_op,
+                 lambda backend, grad_out, images, centers, patch_size, scale, mean, std, need_images, need_centers:
+                 _run_backward(backend, grad_out, images, centers, scale, mean, std, need_images, need_centers),
+                 images_arg=1)
 
 
 @_bilinear_backward_op.register_fake

@@ -12,10 +12,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from gfnet.device import device_guard
 from gfnet.kernels.glance_resize import glance_resize_ref
 from gfnet.ops import _checks as C
-from gfnet.ops._dispatch import cpu_kernels, select_backend, triton_kernels, use_backend
+from gfnet.ops._dispatch import cpu_kernels, register_kernels, select_backend, triton_kernels, use_backend
 
 __all__ = ["glance_resize"]
 
@@ -40,15 +39,7 @@ def _glance_resize_op(images: torch.Tensor, size: int, mode: str, mean: Optional
     return _run("torch", images, size, mode, mean, std, out_dtype, channels_last)
 
 
-@_glance_resize_op.register_kernel("cpu")
-def _(images, size, mode, mean, std, out_dtype, channels_last):
-    return _run(select_backend(images), images, size, mode, mean, std, out_dtype, channels_last)
-
-
-@_glance_resize_op.register_kernel("cuda")
-def _(images, size, mode, mean, std, out_dtype, channels_last):
-    with device_guard(images):
-        return _run(select_backend(images), images, size, mode, mean, std, out_dtype, channels_last)
+register_kernels(_glance_resize_op, _run)
 
 
 @_glance_resize_op.register_fake
