@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import stat
 import tempfile
+import time
 from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "pycls_to_timm", "timm_to_pycls",
-           "atomic_save", "REFERENCE_FIELDS"]
+           "atomic_save", "remove_stale_temps", "REFERENCE_FIELDS"]
 
 REFERENCE_FIELDS = ("model_name", "patch_size", "model_prime_state_dict", "model_state_dict", "fc",
                     "policy", "model_flops", "policy_flops", "fc_flops", "flops",
@@ -179,25 +182,126 @@ def load_checkpoint(path: str, map_location="cpu"):
     return net.eval()
 
 
+#: Temporary files of :func:`atomic_save`: ``.<name>.<host>-<pid>.<random>.gfnet-tmp`` beside the target.
+_TEMP_RE = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[a-z0-9_]+\.gfnet-tmp$")
+#: Earlier gfnet builds named their temporary files `.tmp-XXXXXXXX.pth` (no owner in the name: removed
+#: once 10 minutes old).
+_LEGACY_TEMP_RE = re.compile(r"^\.tmp-[a-z0-9_]{8}\.pth$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str) -> list:
+    """Delete the temporary files that killed :func:`atomic_save` calls left in ``folder``; returns their paths.
+
+    Only gfnet's own names are touched, and only those of processes of this host that are gone (a file of
+    a live writer, or of another host sharing the folder, stays), plus earlier gfnet builds' ``.tmp-*.pth``
+    files once 10 minutes old.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    host = _host_tag()
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if m:
+            stale = m.group("host") == host and not _process_alive(int(m.group("pid")))
+        elif _LEGACY_TEMP_RE.match(name):
+            try:
+                stale = time.time() - os.stat(os.path.join(folder, name)).st_mtime > 600
+            except OSError:
+                stale = False
+        else:
+            continue
+        if stale:
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except OSError:
+                pass
+    return removed
+
+
+class _ErrorKeepingWriter:
+    # torch.save reports a failed write (a full disk) as "unexpected pos ..." with the OSError only in
+    # the exception's context; keeping it lets atomic_save raise the cause itself.
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    A symbolic link is written through (the link stays, its target gets the new content); an existing
+    file keeps its permission bits (a 0600 file stays 0600; a new file gets 0666 less the umask). Stale
+    temporary files of killed saves in that folder are removed first (:func:`remove_stale_temps`).
+
+    Raises:
+        OSError: the write failed; its message names ``path`` and the cause ("No space left on device").
+    """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    remove_stale_temps(folder)
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)[:100]}.{_host_tag()}-{os.getpid()}.",
+                               suffix=".gfnet-tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _ErrorKeepingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the usual permissions of a new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
+        if old is not None:
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+            if hasattr(os, "chown") and (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+                try:
+                    os.chown(tmp, old.st_uid, old.st_gid)
+                except OSError:  # only root may give a file away; keep ours
+                    pass
+        else:  # mkstemp creates the file private (0600); give it the usual permissions of a new file.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno:
+            raise OSError(e.errno, f"cannot write it: {e.strerror}", path) from None
         raise
 
 

@@ -72,9 +72,13 @@ def _read_raw(path: str) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zips, text files, ...
+        raise ValueError(f"{path} is not a gfnet or reference GFNet checkpoint (torch.load failed: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(obj, dict) or "model_name" not in obj:
-        raise ValueError(f"{path} is not a GFNet checkpoint (no 'model_name' field)")
+        raise ValueError(f"{path} is not a gfnet or reference GFNet checkpoint (no 'model_name' field)")
     return obj
 
 
