@@ -75,8 +75,9 @@ def _read_raw(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zips, text files, ...
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
         raise ValueError(f"{path} is not a gfnet or reference GFNet checkpoint (torch.load failed: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"{type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or "model_name" not in obj:
         raise ValueError(f"{path} is not a gfnet or reference GFNet checkpoint (no 'model_name' field)")
     return obj

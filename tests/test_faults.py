@@ -377,7 +377,8 @@ def test_train_errors_are_one_line(sample, tmp_path, capsys):
     from gfnet.cli.train import main
 
     cases = [
-        (["--resume", str(sample / "corrupt.pth.tar")], 2, "corrupt.pth.tar is not a gfnet or reference GFNet checkpoint"),
+        (["--resume", str(sample / "corrupt.pth.tar")], 2,
+         "corrupt.pth.tar is not a gfnet or reference GFNet checkpoint"),
         (["--resume", str(sample / "plain.pth")], 2, "plain.pth is not a gfnet or reference GFNet checkpoint"),
         (["--init-global", str(sample / "corrupt.pth.tar")], 2, "not a backbone state dict nor a gfnet or reference"),
         (["--device", "foo"], 2, "unknown device 'foo'"),

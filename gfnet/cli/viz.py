@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", type=int, nargs="+", default=None, help="true class per image, in file order")
     s.add_argument("--class-names", default=None, help="a text file with one class name per line")
     s.add_argument("--ncols", type=positive_int, default=4)
-    s.add_argument("--scale", type=positive_int, default=None, help="PNG pixels per image pixel (default 256 // S, >= 1)")
+    s.add_argument("--scale", type=positive_int, default=None,
+                   help="PNG pixels per image pixel (default 256 // S, >= 1)")
 
     b = sub.add_parser("budget", help="top-1 accuracy vs Multiply-Adds from checkpoints or results JSON")
     b.add_argument("sources", nargs="+", help="checkpoints (.pth.tar) and/or results files (.json)")
@@ -110,7 +111,7 @@ def _prepare_out(path: str, folder_allowed: bool = False) -> None:
         return
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a folder; give a file name")
-    prepare_output_dir(os.path.dirname(os.path.abspath(path)), f"the folder of --out {path}")
+    prepare_output_dir(os.path.dirname(os.path.abspath(path)), "--out's folder")
 
 
 def _run(args) -> int:

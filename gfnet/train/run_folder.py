@@ -30,7 +30,7 @@ import torch
 
 from gfnet.checkpoint import CheckpointError, atomic_save, remove_stale_temps
 
-__all__ = ["RunFolder", "RunFolderBusy", "RunInfo", "read_run_info", "LOCK_NAME"]
+__all__ = ["RunFolder", "RunFolderBusy", "RunInfo", "read_run_info", "load_failure", "LOCK_NAME"]
 
 log = logging.getLogger("gfnet.train")
 
@@ -69,7 +69,13 @@ def _load(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a gfnet or reference GFNet checkpoint (torch.load failed: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"{load_failure(e)})") from None
+
+
+def load_failure(e: BaseException) -> str:
+    """``Type: first sentence`` of why torch.load failed (its messages run over many lines)."""
+    first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+    return f"{type(e).__name__}: {first}"
 
 
 def best_epoch_of(obj: dict) -> int:

@@ -39,7 +39,7 @@ from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
-from gfnet.train.run_folder import RunFolder, read_run_info
+from gfnet.train.run_folder import RunFolder, load_failure, read_run_info
 from gfnet.train.weights import load_network_weights
 
 __all__ = ["TrainOptions", "Trainer", "TrainingError", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
@@ -390,7 +390,8 @@ class Trainer:
 
     def _diverged(self, epoch: int, what: str) -> None:
         o = self.options
-        rates = (f"policy lr {o.policy_lr}" if o.stage == 2 else f"backbone lr {o.backbone_lr}, classifier lr {o.fc_lr}")
+        rates = (f"policy lr {o.policy_lr}" if o.stage == 2
+                 else f"backbone lr {o.backbone_lr}, classifier lr {o.fc_lr}")
         kept = (f"the last good checkpoint (epoch {self.epoch}) stays in {self.out_dir}"
                 if self.out_dir is not None and self.epoch > 0 else "no checkpoint was written")
         raise TrainingError(f"training diverged in epoch {epoch + 1}: {what}. Nothing of this epoch was saved; "
@@ -610,7 +611,7 @@ class Trainer:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path} is not a gfnet or reference GFNet checkpoint (torch.load failed: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                                  f"{load_failure(e)})") from None
         if not isinstance(obj, dict) or "model_name" not in obj:
             raise CheckpointError(f"{path} is not a gfnet or reference GFNet checkpoint (no 'model_name' field)")
         state = obj.get("train_state")

@@ -46,8 +46,9 @@ def load_backbone_weights(encoder: Encoder, path: str, strict_head: bool = False
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zips, text files, ...
+        first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
         raise ValueError(f"{path} is not a backbone state dict nor a gfnet or reference GFNet checkpoint "
-                         f"(torch.load failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"(torch.load failed: {type(e).__name__}: {first})") from None
     state = _strip_prefix(_unwrap(obj, path))
     if encoder.config.family == "regnet" and any(".f.a." in k or k.startswith("stem.conv") for k in state):
         state = pycls_to_timm(state)
