@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import math
 import os
 import sys
@@ -59,9 +60,12 @@ def _runtime_errors() -> tuple:
     return tuple(kinds)
 
 
-def run_command(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body()`` (a command's work) under the convention of the module docstring; its exit status."""
+def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "") -> int:
+    """Run ``body()`` (a command's work) under the convention of the module docstring; its exit status.
+    ``on_interrupt`` is added to the message of a Ctrl-C (what the user can do next)."""
     debug = os.environ.get("GFNET_DEBUG", "") not in ("", "0")
+    # A log file that cannot be written (a full disk) must not print a traceback per record.
+    logging.raiseExceptions = debug
 
     def fail(message: str, status: int) -> int:
         if debug:
@@ -73,7 +77,7 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except KeyboardInterrupt:
-        return fail("interrupted", 130)
+        return fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         return fail(describe_os_error(e) if e.filename else str(e), 2)
     except OSError as e:

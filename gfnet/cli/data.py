@@ -66,7 +66,7 @@ def _run(args) -> int:
             index = index_split(args.root, split, cache_dir=args.cache_dir, refresh=args.refresh)
         except (FileNotFoundError, ValueError) as exc:
             print(f"gfnet-data: error: {exc}", file=sys.stderr)
-            status = 1
+            status = 2  # bad input (a missing or empty split), as run_command says
             if not os.path.isdir(args.root):
                 break
             continue

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command("gfnet-train", lambda: _train(args))
+    return run_command("gfnet-train", lambda: _train(args),
+                       on_interrupt=f"{args.out} keeps the last finished epoch: continue with --resume auto")
 
 
 def _train(args) -> int:

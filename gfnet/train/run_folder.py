@@ -227,7 +227,14 @@ class RunFolder:
             if overwrite:
                 raise ValueError("--resume auto continues the run in the folder; --overwrite replaces it: "
                                  "give one of them")
-            infos = [read_run_info(p) for p in existing]
+            infos = []
+            for p in existing:
+                try:
+                    infos.append(read_run_info(p))
+                except CheckpointError as e:
+                    raise CheckpointError(f"{e}. --resume auto cannot continue from it: move it out of {self.path} "
+                                          "(to resume from the other checkpoint file, if any) or pass --overwrite "
+                                          "to start over") from None
             if not infos:
                 return None
             # The newest state; on a tie the checkpoint (it is written after the best file).
