@@ -99,8 +99,13 @@ def _bench(args) -> int:
 
 
 def _write_json(rows: list, path: str) -> None:
-    # Through a temporary file: a full disk leaves the previous results, not half a JSON file.
-    tmp = f"{path}.{os.getpid()}.gfnet-tmp"
+    # Through a temporary file named as gfnet.checkpoint.atomic_save names its own (so that a later save
+    # removes it if this process is killed): a full disk leaves the previous results, not half a file.
+    from gfnet.checkpoint import _host_tag, remove_stale_temps
+
+    folder, name = os.path.split(os.path.abspath(path))
+    remove_stale_temps(folder)
+    tmp = os.path.join(folder, f".{name}.{_host_tag()}-{os.getpid()}.json.gfnet-tmp")
     try:
         with open(tmp, "w") as f:
             json.dump(rows, f, indent=2)

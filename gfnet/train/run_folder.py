@@ -237,6 +237,10 @@ class RunFolder:
                                           "to start over") from None
             if not infos:
                 return None
+            runs = {i.run_id for i in infos}
+            if len(runs) > 1 and None not in runs:  # a best file copied in from another run: not this run's state
+                log.warning("%s and %s belong to different runs; resuming from the checkpoint", *existing)
+                return self.checkpoint_path
             # The newest state; on a tie the checkpoint (it is written after the best file).
             newest = max(infos, key=lambda i: (i.epoch, i.path == self.checkpoint_path))
             return newest.path
