@@ -111,6 +111,9 @@ def test_best_model_survives_kills_at_every_point_of_a_save(tmp_path):
     assert temps(out) == []  # the first kill's temporary file was removed
     assert (epoch_of(out / CKPT), epoch_of(out / BEST)) == (2, 3)
     check_best()
+    from gfnet.train.run_folder import RunFolder
+
+    assert RunFolder(str(out)).resolve_resume("auto") == str(out / BEST)  # auto takes the newer state
     # 3. resumed from the older checkpoint by path (it adopts the newer best file), killed while writing
     #    the checkpoint of epoch 4 (not an improving epoch)
     run_training({**cfg, "resume": str(out / CKPT), "kill": {"file": CKPT, "epoch": 4, "phase": "during"}},
@@ -456,6 +459,8 @@ def test_eval_write_checks_first_and_keeps_links_and_permissions(sample, tmp_pat
         captured = capsys.readouterr()
         assert "fitting thresholds" not in captured.out  # refused before any work
         assert "gfnet-eval: error: " in captured.err and "not writable" in captured.err
+    assert main(["--checkpoint", str(target), "--real-exit", "--real-exit-points", "40"] + common) == 2
+    assert "--real-exit-points must be in 1..39, got [40]" in one_line_error(capsys, "gfnet-eval")
     for bad, message in ((sample / "corrupt.pth.tar", "is not a gfnet or reference GFNet checkpoint"),
                          (sample / "plain.pth", "is not a gfnet or reference GFNet checkpoint")):
         assert main(["--checkpoint", str(bad), "--eval-mode", "0"]) == 2

@@ -56,6 +56,11 @@ def _evaluate(args) -> int:
     if args.eval_mode in (1, 2) and args.data is None:
         raise ValueError(f"--eval-mode {args.eval_mode} needs --data ROOT")
     parse_device(args.device)
+    from gfnet.budget import BUDGET_POINTS
+
+    outside = [p for p in args.real_exit_points if not 1 <= p <= BUDGET_POINTS]
+    if args.real_exit and outside:
+        raise ValueError(f"--real-exit-points must be in 1..{BUDGET_POINTS}, got {outside}")
     if args.write:
         if args.eval_mode == 0:
             raise ValueError("--write stores the results of eval modes 1 and 2; mode 0 computes none")
