@@ -26,7 +26,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import stat
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -35,8 +38,8 @@ import torch
 
 __all__ = ["CheckpointError", "CheckpointFile", "LAYOUTS", "PYCLS_TIMM_KEYS", "REFERENCE_FIELDS",
            "REFERENCE_TRAIN_FIELDS", "atomic_save", "checkpoint_dict", "load_checkpoint", "load_weights",
-           "pycls_to_timm", "read_checkpoint", "reference_parameter_order", "save_checkpoint",
-           "strip_module_prefix", "timm_to_pycls"]
+           "load_failure", "pycls_to_timm", "read_checkpoint", "reference_parameter_order", "remove_stale_temps", "save_checkpoint",
+           "strip_module_prefix", "timm_to_pycls", "torch_load"]
 
 log = logging.getLogger("gfnet.checkpoint")
 
@@ -176,21 +179,40 @@ class CheckpointFile:
     config: Any = None  # the BackboneConfig of arch with this classifier (None while arch is unknown)
 
 
-def _load_file(path: str, map_location) -> dict:
+def load_failure(e: BaseException) -> str:
+    """``Type: first sentence`` of why torch.load failed (its messages run over many lines)."""
+    first = (str(e).splitlines() or [""])[0].split(". ")[0][:160]
+    return f"{type(e).__name__}: {first}"
+
+
+def torch_load(path: str, map_location="cpu", mmap: bool = False, what: str = "a gfnet or reference GFNet checkpoint"):
+    """torch.load with weights_only=True (no code runs from the file), failures as one CheckpointError line.
+    ``mmap``: tensors are paged in only when touched (cheap reads of a large file's small fields); files
+    that cannot be mapped are read normally."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except Exception:  # e.g. the legacy (non-zip) format: read it the ordinary way below
+            pass
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated zips, text files, ...
-        raise CheckpointError(f"{path} is not a readable GFNet checkpoint (torch.load failed: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CheckpointError(f"{path} is not {what} (torch.load failed: {load_failure(e)})") from None
+
+
+def _load_file(path: str, map_location) -> dict:
+    obj = torch_load(path, map_location)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} is not a GFNet checkpoint: it holds a {type(obj).__name__}, not a dict")
+        raise CheckpointError(f"{path} is not a gfnet or reference GFNet checkpoint: it holds a "
+                              f"{type(obj).__name__}, not a dict")
     missing = [k for k in _REQUIRED if k not in obj]
     if missing:
         hint = " (it looks like a plain state dict: a backbone's weights?)" if all(
             isinstance(k, str) and "." in k for k in list(obj)[:5]) else ""
-        raise CheckpointError(f"{path} is not a GFNet checkpoint: missing fields {missing}{hint}")
+        raise CheckpointError(f"{path} is not a gfnet or reference GFNet checkpoint: missing fields {missing}{hint}")
     for field in ("model_prime_state_dict", "model_state_dict", "fc"):
         if not isinstance(obj[field], Mapping) or not obj[field]:
             raise CheckpointError(f"{path}: '{field}' is {type(obj[field]).__name__}, not a state dict")
@@ -394,25 +416,128 @@ def load_checkpoint(path, map_location="cpu", arch: Optional[str] = None, patch_
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+#: Temporary files of :func:`atomic_save`: ``.<name>.<host>-<pid>.<random>.gfnet-tmp`` beside the target.
+_TEMP_RE = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[a-z0-9_]+\.gfnet-tmp$")
+#: Earlier gfnet builds named their temporary files `.tmp-XXXXXXXX.pth` (no owner in the name: removed
+#: once 10 minutes old).
+_LEGACY_TEMP_RE = re.compile(r"^\.tmp-[a-z0-9_]{8}\.pth$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str) -> list:
+    """Delete the temporary files that killed :func:`atomic_save` calls left in ``folder``; returns their paths.
+
+    Only gfnet's own names are touched, and only those of processes of this host that are gone (a file of
+    a live writer, or of another host sharing the folder, stays), plus earlier gfnet builds' ``.tmp-*.pth``
+    files once 10 minutes old.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    host = _host_tag()
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if m:
+            stale = m.group("host") == host and not _process_alive(int(m.group("pid")))
+        elif _LEGACY_TEMP_RE.match(name):
+            try:
+                stale = time.time() - os.stat(os.path.join(folder, name)).st_mtime > 600
+            except OSError:
+                stale = False
+        else:
+            continue
+        if stale:
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except OSError:
+                pass
+    return removed
+
+
+class _ErrorKeepingWriter:
+    # torch.save reports a failed write (a full disk) as "unexpected pos ..." with the OSError only in
+    # the exception's context; keeping it lets atomic_save raise the cause itself.
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file.
+
+    A symbolic link is written through (the link stays, its target gets the new content); an existing
+    file keeps its permission bits (a 0600 file stays 0600; a new file gets 0666 less the umask). Stale
+    temporary files of killed saves in that folder are removed first (:func:`remove_stale_temps`).
+
+    Raises:
+        OSError: the write failed; its message names ``path`` and the cause ("No space left on device").
+    """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    remove_stale_temps(folder)
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)[:100]}.{_host_tag()}-{os.getpid()}.",
+                               suffix=".gfnet-tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _ErrorKeepingWriter(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the usual permissions of a new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
+        if old is not None:
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+            if hasattr(os, "chown") and (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+                try:
+                    os.chown(tmp, old.st_uid, old.st_gid)
+                except OSError:  # only root may give a file away; keep ours
+                    pass
+        else:  # mkstemp creates the file private (0600); give it the usual permissions of a new file.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno:
+            raise OSError(e.errno, f"cannot write it: {e.strerror}", path) from None
         raise
 
 

@@ -212,9 +212,15 @@ def derive_config(name: str, classifier: Optional[str] = None) -> BackboneConfig
             f"unknown backbone {name!r}: not one of the reference's {sorted(REFERENCE_ARCHS)} "
             f"nor a timm model name (see timm.list_models())") from e
     net.eval()
-    with torch.no_grad():
-        fmap = net.forward_features(torch.zeros(1, 3, 64, 64))
-        pooled = net.forward_head(fmap, pre_logits=True)
+    try:
+        with torch.no_grad():
+            fmap = net.forward_features(torch.zeros(1, 3, 64, 64))
+            pooled = net.forward_head(fmap, pre_logits=True)
+    except (AssertionError, RuntimeError, ValueError) as e:  # e.g. a ViT that only takes its own image size
+        raise ValueError(f"backbone {name!r} is no CNN that GFNet can use: it fails on a 64x64 image "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); GFNet needs a "
+                         "convolutional backbone that takes any image size (a ResNet, DenseNet, RegNet, "
+                         "MobileNet, EfficientNet, ...)") from None
     if fmap.dim() != 4:
         raise ValueError(f"backbone {name!r} gives a {fmap.dim()}-d feature map; GFNet's policy needs "
                          "a convolutional [N, C, h, w] feature map (use a CNN backbone)")

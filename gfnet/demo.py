@@ -321,7 +321,8 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         t_stage = time.perf_counter()
         train_loader.epoch_offset = 1000 * (stage + 1)
         trainer = Trainer(net, TrainOptions(stage=stage, epochs=epochs, **common, **extra),
-                          out_dir=os.path.join(out_dir, f"stage{stage}"), save_best=False)
+                          out_dir=os.path.join(out_dir, f"stage{stage}"), save_best=False,
+                          overwrite=True)  # the demo rewrites its own stage folders
         histories[stage] = trainer.fit(train_loader, eval_loader)
         log.info("stage %d: %.0f s, %s", stage, time.perf_counter() - t_stage, histories[stage][-1])
     net.eval()

@@ -59,7 +59,7 @@ def test_mode2_then_mode1_end_to_end(setup, capsys):
     tree, checkpoint, net = setup
     before = open(checkpoint, "rb").read()
     # mode 1 needs stored thresholds: this checkpoint has none yet
-    assert main(["--checkpoint", checkpoint, "--eval-mode", "1", "--data", tree] + COMMON) == 1
+    assert main(["--checkpoint", checkpoint, "--eval-mode", "1", "--data", tree] + COMMON) == 2  # bad input
     assert "dynamic_threshold" in capsys.readouterr().err
 
     assert main(["--checkpoint", checkpoint, "--eval-mode", "2", "--data", tree, "--write",
@@ -109,7 +109,7 @@ def test_arguments_are_checked(setup, capsys):
     _, checkpoint, _ = setup
     assert main(["--checkpoint", checkpoint, "--eval-mode", "1"]) == 2
     assert "--data" in capsys.readouterr().err
-    assert main(["--checkpoint", checkpoint + ".missing", "--eval-mode", "0"]) == 1
+    assert main(["--checkpoint", checkpoint + ".missing", "--eval-mode", "0"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--checkpoint", checkpoint, "--eval-mode", "3"])

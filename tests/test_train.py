@@ -217,7 +217,7 @@ def test_resume_refuses_other_stage(tmp_path):
     t = Trainer(tiny_net(), TrainOptions(stage=1, epochs=1, progress=False), out_dir=str(tmp_path))
     t.fit(train)
     other = Trainer(tiny_net(), TrainOptions(stage=3, epochs=1, progress=False))
-    with pytest.raises(ValueError, match="stage-1 run"):
+    with pytest.raises(ValueError, match="stage 1 \\(checkpoint\\) vs 3"):
         other.load_training_state(str(tmp_path / "checkpoint.pth.tar"))
 
 

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from gfnet.cli._errors import UsageError, parse_device, prepare_output_dir, run_command
+
 SUITES = {
     "anytime": "gfnet.bench.bench_anytime",
     "kernels": "gfnet.bench.bench_kernels",
@@ -45,11 +47,11 @@ def format_table(rows: list[dict]) -> str:
 def run_suite(name: str, device=None, quick=False) -> list[dict]:
     """Run one suite by name (see SUITES) and return its rows."""
     if name not in SUITES:
-        raise SystemExit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise UsageError(f"unknown suite {name!r}; choose from {', '.join(SUITES)} or 'all'")
     try:
         module = importlib.import_module(SUITES[name])
     except ModuleNotFoundError as e:
-        raise SystemExit(f"suite {name!r} is not available in this installation ({e})") from e
+        raise ImportError(f"suite {name!r} is not available in this installation ({e})") from e
     return module.run(device=device, quick=quick)
 
 
@@ -68,7 +70,17 @@ def main(argv=None) -> int:
                         help="write <suite>_<device>.json (and a PNG chart) here; default: print only")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
+    return run_command("gfnet-bench", lambda: _bench(args))
+
+
+def _bench(args) -> int:
     suites = list(SUITES) if args.suites == ["all"] else args.suites
+    unknown = [name for name in suites if name not in SUITES]
+    if unknown:
+        raise UsageError(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)} or 'all'")
+    parse_device(args.device)
+    if args.out_dir:  # before the suites run: a bad --out-dir must not cost a whole benchmark
+        prepare_output_dir(args.out_dir, "--out-dir")
     for name in suites:
         rows = run_suite(name, device=args.device, quick=args.quick)
         if args.json:
@@ -77,11 +89,9 @@ def main(argv=None) -> int:
             print(f"\n== {name} ({rows[0]['device'] if rows else '?'}) ==")
             print(format_table(rows))
         if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
             tag = rows[0].get("device_type", "cpu") if rows else "cpu"
             path = os.path.join(args.out_dir, f"{name}_{tag}.json")
-            with open(path, "w") as f:
-                json.dump(rows, f, indent=2)
+            _write_json(rows, path)
             print(f"wrote {path}")
             try:
                 from gfnet.viz import plot_bench
@@ -91,6 +101,24 @@ def main(argv=None) -> int:
             plot_bench(rows, png)
             print(f"wrote {png}")
     return 0
+
+
+def _write_json(rows: list, path: str) -> None:
+    # Through a temporary file named as gfnet.checkpoint.atomic_save names its own (so that a later save
+    # removes it if this process is killed): a full disk leaves the previous results, not half a file.
+    from gfnet.checkpoint import _host_tag, remove_stale_temps
+
+    folder, name = os.path.split(os.path.abspath(path))
+    remove_stale_temps(folder)
+    tmp = os.path.join(folder, f".{name}.{_host_tag()}-{os.getpid()}.json.gfnet-tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from gfnet.cli._errors import nonnegative_int, positive_int, run_command
 from gfnet.data.index import cache_path, index_split
 from gfnet.data.sample import make_sample_tree
 
@@ -21,12 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-sample", help="write ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG "
                                            "from photos shipped with scikit-learn (no download)")
     s.add_argument("root")
-    s.add_argument("--classes", type=int, default=4, help="class folders with images (default 4)")
-    s.add_argument("--train-per-class", type=int, default=8)
-    s.add_argument("--val-per-class", type=int, default=4)
-    s.add_argument("--width", type=int, default=500, help="landscape width before a +-15%% jitter")
-    s.add_argument("--height", type=int, default=375)
-    s.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    s.add_argument("--classes", type=positive_int, default=4, help="class folders with images (default 4)")
+    s.add_argument("--train-per-class", type=positive_int, default=8)
+    s.add_argument("--val-per-class", type=nonnegative_int, default=4)
+    s.add_argument("--width", type=positive_int, default=500, help="landscape width before a +-15%% jitter")
+    s.add_argument("--height", type=positive_int, default=375)
+    s.add_argument("--quality", type=positive_int, default=90, help="JPEG quality (1-95)")
     s.add_argument("--source", choices=("photos", "digits"), default="photos",
                    help="crops of sample photos, or upscaled 8x8 digits (a learnable 10-class task)")
     s.add_argument("--bad-files", action="store_true",
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return run_command("gfnet-data", lambda: _run(args))
+
+
+def _run(args) -> int:
     if args.command == "make-sample":
         tree = make_sample_tree(args.root, num_classes=args.classes, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, photo_size=(args.width, args.height),
@@ -60,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             index = index_split(args.root, split, cache_dir=args.cache_dir, refresh=args.refresh)
         except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
+            print(f"gfnet-data: error: {exc}", file=sys.stderr)
+            status = 2  # bad input (a missing or empty split), as run_command says
             if not os.path.isdir(args.root):
                 break
             continue

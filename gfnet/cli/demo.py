@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from gfnet.cli._errors import nonnegative_int, prepare_output_dir, run_command
+
 __all__ = ["build_parser", "main"]
 
 
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="report folder (checkpoint, results.json, figures, logs)")
     p.add_argument("--quick", action="store_true", help="a toy-sized run of the same pipeline (< 1 minute)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=nonnegative_int, default=1,
                    help="torch CPU threads (default 1: the demo's tiny convolutions are bound by per-op "
                         "overhead, and one thread avoids OpenMP's spinning barriers, which slow two threads "
                         "down several-fold on a busy machine; 0 = torch's choice)")
@@ -31,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("gfnet-demo", lambda: _demo(args))
+
+
+def _demo(args) -> int:
     from gfnet.demo import QUICK, DemoConfig, run_demo
+
+    prepare_output_dir(args.out)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:

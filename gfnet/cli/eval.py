@@ -9,13 +9,16 @@ the thresholds on a random subset of ROOT/train first. The logic is gfnet.evalua
 
 --write is off by default: an evaluation should not silently change a released checkpoint's published
 numbers (for instance after evaluating on a subset or another dataset); ask for it explicitly. The file
-is then replaced atomically (temporary file + os.replace).
+is then replaced atomically (temporary file + os.replace); whether it can be is checked before any work,
+a symbolic link is written through (the link stays) and the file keeps its permissions.
+Errors: one line on stderr, exit status 2 for bad arguments or input, 1 for failures at run time.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from gfnet.cli._errors import check_writable_file, nonnegative_int, parse_device, positive_int, run_command
 from gfnet.evaluation import DEFAULT_REAL_EXIT_POINTS, DEFAULT_TRAIN_SUBSET, evaluate_checkpoint
 
 
@@ -30,10 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="0: print stored results; 1: stored thresholds on ROOT/val; "
                         "2: fit thresholds on a training subset, then evaluate on ROOT/val")
     p.add_argument("--data", default=None, help="ImageNet-layout root holding train/ and val/ (modes 1, 2)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k> (default: cpu)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="autocast dtype (default fp32)")
-    p.add_argument("--train-subset", type=int, default=None,
+    p.add_argument("--train-subset", type=positive_int, default=None,
                    help=f"training images to fit thresholds on (mode 2; default min(len, {DEFAULT_TRAIN_SUBSET}))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random training subset")
     p.add_argument("--real-exit", action="store_true",
@@ -41,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--real-exit-points", type=int, nargs="+", default=list(DEFAULT_REAL_EXIT_POINTS),
                    help="budget points p (q = p/20, 1..39) that --real-exit measures")
     p.add_argument("--backend", choices=("dali", "torchvision"), default="dali", help="data pipeline")
-    p.add_argument("--num-threads", type=int, default=None, help="data pipeline threads / workers")
+    p.add_argument("--num-threads", type=nonnegative_int, default=None, help="data pipeline threads / workers")
     p.add_argument("--write", action="store_true",
                    help="store anytime_classification, budgeted_batch_classification (and in mode 2 "
                         "dynamic_threshold) into the checkpoint, atomically (off by default)")
@@ -50,18 +53,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return run_command("gfnet-eval", lambda: _evaluate(args))
+
+
+def _evaluate(args) -> int:
     if args.eval_mode in (1, 2) and args.data is None:
-        print(f"gfnet-eval: error: --eval-mode {args.eval_mode} needs --data ROOT", file=sys.stderr)
-        return 2
-    try:
-        evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
-                            device=args.device, dtype=args.dtype, train_subset=args.train_subset,
-                            real_exit=args.real_exit, backend=args.backend, write=args.write, seed=args.seed,
-                            real_exit_points=args.real_exit_points, num_threads=args.num_threads,
-                            arch=args.arch, patch_size=args.patch_size, T=args.T)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"gfnet-eval: error: {e}", file=sys.stderr)
-        return 1
+        raise ValueError(f"--eval-mode {args.eval_mode} needs --data ROOT")
+    parse_device(args.device)
+    from gfnet.budget import BUDGET_POINTS
+
+    outside = [p for p in args.real_exit_points if not 1 <= p <= BUDGET_POINTS]
+    if args.real_exit and outside:
+        raise ValueError(f"--real-exit-points must be in 1..{BUDGET_POINTS}, got {outside}")
+    if args.write:
+        if args.eval_mode == 0:
+            raise ValueError("--write stores the results of eval modes 1 and 2; mode 0 computes none")
+        check_writable_file(args.checkpoint, "checkpoint")  # before the work, not after it
+    evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
+                        device=args.device, dtype=args.dtype, train_subset=args.train_subset,
+                        real_exit=args.real_exit, backend=args.backend, write=args.write, seed=args.seed,
+                        real_exit_points=args.real_exit_points, num_threads=args.num_threads,
+                        arch=args.arch, patch_size=args.patch_size, T=args.T)
     return 0
 
 

@@ -4,11 +4,14 @@ Single process:   gfnet-train --data ROOT --arch resnet50 --patch-size 96 --T 5 
                       --init-global r50.pth --init-local r50.pth --out runs/s1
 Several GPUs:     torchrun --nproc-per-node 8 -m gfnet.cli.train ...same arguments...
 Continue a stage: gfnet-train ... --stage 2 --checkpoint runs/s1/model_best.pth.tar --out runs/s2
-Resume a run:     gfnet-train ...same arguments... --resume runs/s2/checkpoint.pth.tar
+Resume a run:     gfnet-train ...same arguments... --resume auto      (or --resume runs/s2/checkpoint.pth.tar)
 
 --checkpoint and --resume read any GFNet checkpoint: gfnet's, the reference's released files and the
 reference train.py's own (which name no backbone, patch size or T: give --arch, --patch-size, --T).
 --save-layout reference-train writes files that the reference's train.py continues from.
+An output folder holds one run: a new run refuses a folder that holds one unless --resume continues it
+or --overwrite replaces it, and a lock keeps a second process out while a run trains there.
+Errors: one line on stderr, exit status 2 for bad arguments or input, 1 for failures at run time.
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import argparse
 import logging
 import sys
 from typing import Optional, Sequence
+
+from gfnet.cli._errors import (nonnegative_float, nonnegative_int, parse_device, positive_float, positive_int,
+                               prepare_output_dir, run_command)
 
 __all__ = ["build_parser", "main"]
 
@@ -26,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root holding train/ and val/ class folders")
     p.add_argument("--arch", help="reference backbone (resnet50, densenet121, regnety_600m, "
                    "mobilenetv3_large_100, efficientnet_b2, ...) or a timm CNN name (default: the checkpoint's)")
-    p.add_argument("--patch-size", type=int, help="P: glance and patch side (96, 128, 144; default: the "
+    p.add_argument("--patch-size", type=positive_int, help="P: glance and patch side (96, 128, 144; default: the "
                    "checkpoint's)")
-    p.add_argument("--T", type=int, help="maximum number of steps, glance + focus (default: the checkpoint's)")
+    p.add_argument("--T", type=positive_int, help="maximum number of steps, glance + focus (default: the "
+                   "checkpoint's)")
     p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
     p.add_argument("--out", required=True, help="output folder: checkpoint.pth.tar, model_best.pth.tar, train.log")
     p.add_argument("--init-global", help="stage 1: backbone weights of the global encoder (a state dict, or "
@@ -37,19 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "a GFNet checkpoint's model_state_dict)")
     p.add_argument("--checkpoint", help="stages 2/3: the previous stage's GFNet checkpoint (gfnet's or the "
                    "reference's, release or train.py layout)")
-    p.add_argument("--resume", help="continue an interrupted run from its checkpoint.pth.tar (written by "
-                   "gfnet-train or the reference's train.py)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue an interrupted run: 'auto' resumes from --out's last checkpoint if there is "
+                        "one (else starts fresh); a PATH resumes from that checkpoint.pth.tar (written by "
+                        "gfnet-train or the reference's train.py)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out already holds (its checkpoint.pth.tar and "
+                        "model_best.pth.tar are deleted); without it such a folder is refused")
     p.add_argument("--save-layout", choices=("release", "reference-train"), default="release",
                    help="checkpoint layout: release (module.-prefixed; the reference's inference.py and "
                         "gfnet-eval) or reference-train (what the reference's train.py continues from)")
     o = p.add_argument_group("overrides (default: the reference's value for the backbone family)")
-    o.add_argument("--epochs", type=int)
-    o.add_argument("--batch-size", type=int, help="global batch over all processes (reference 256)")
-    o.add_argument("--lr", type=float, help="backbone learning rate")
-    o.add_argument("--fc-lr", type=float, help="classifier learning rate (0.1 stage 1, 0.01 stage 3)")
-    o.add_argument("--policy-lr", type=float, default=3e-4, help="stage 2: Adam learning rate of the policy")
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--dsn-ratio", type=float, help="deep-supervision weight")
+    o.add_argument("--epochs", type=positive_int)
+    o.add_argument("--batch-size", type=positive_int, help="global batch over all processes (reference 256)")
+    o.add_argument("--lr", type=positive_float, help="backbone learning rate")
+    o.add_argument("--fc-lr", type=positive_float, help="classifier learning rate (0.1 stage 1, 0.01 stage 3)")
+    o.add_argument("--policy-lr", type=positive_float, default=3e-4,
+                   help="stage 2: Adam learning rate of the policy")
+    o.add_argument("--weight-decay", type=nonnegative_float)
+    o.add_argument("--dsn-ratio", type=nonnegative_float, help="deep-supervision weight")
     o.add_argument("--train-global", choices=("yes", "no"), help="train the global encoder in stages 1/3")
     o.add_argument("--stage3-actions", choices=("sample", "mean"), default="sample",
                    help="stage 3 patches: sampled around the policy mean as the reference does, or the mean")
@@ -69,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the encoders with torch.compile (the first steps take longer while they compile)")
     r.add_argument("--device", help="cpu, cuda, cuda:K (default: this process's GPU if any, else cpu)")
     r.add_argument("--backend", choices=("dali", "torchvision"), default="dali", help="input pipeline")
-    r.add_argument("--workers", type=int, help="DALI threads / DataLoader workers per process")
+    r.add_argument("--workers", type=nonnegative_int, help="DALI threads / DataLoader workers per process "
+                   "(0: the torchvision backend reads in the main process)")
     r.add_argument("--float-input", action="store_true",
                    help="have the loader normalise to float (default: uint8, normalised by the fused ops)")
     r.add_argument("--no-val", action="store_true", help="skip the per-epoch validation")
@@ -79,8 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("gfnet-train", lambda: _train(args),
+                       on_interrupt=f"{args.out} keeps the last finished epoch: continue with --resume auto")
+
+
+def _train(args) -> int:
     from gfnet.train import TrainOptions, train_imagefolder
 
+    parse_device(args.device)
+    if args.overwrite and args.resume == "auto":
+        raise ValueError("--resume auto continues the run in --out; --overwrite replaces it: give one of them")
+    prepare_output_dir(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     for handler in logging.getLogger().handlers:
@@ -93,15 +116,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compile=args.compile, seed=args.seed,
         progress=not args.no_progress, continue_policy=args.continue_policy, transforms=args.transforms,
         save_layout=args.save_layout)
-    try:
-        history = train_imagefolder(
-            args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
-            init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
-            resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
-            validate=not args.no_val, uint8=not args.float_input)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"gfnet-train: error: {e}", file=sys.stderr)
-        return 2
+    history = train_imagefolder(
+        args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
+        init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
+        resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
+        validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite)
     if history:
         last = history[-1]
         acc = last.get("val_acc", last["train_acc"])

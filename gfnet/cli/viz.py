@@ -17,6 +17,8 @@ import os
 import sys
 from typing import List, Optional
 
+from gfnet.cli._errors import parse_device, positive_int, prepare_output_dir, run_command
+
 COMMANDS = ("patches", "budget", "bench", "report")
 
 
@@ -38,15 +40,16 @@ def _parser() -> argparse.ArgumentParser:
                         "= equal exit shares), comma-separated values (one per step), or a .json/.pt/.txt "
                         "file; marks the step where each image would exit")
     s.add_argument("--device", default="cpu", help="where to run the net (cpu, cuda, cuda:1, ...)")
-    s.add_argument("--image-size", type=int, default=None,
+    s.add_argument("--image-size", type=positive_int, default=None,
                    help="S (default: the checkpoint's image_size if stored, else the backbone's)")
     s.add_argument("--crop-pct", type=float, default=None,
                    help="resize the shorter side to S/crop_pct, then centre-crop S (default: the backbone's;"
                         " 1 keeps the whole square image)")
     s.add_argument("--labels", type=int, nargs="+", default=None, help="true class per image, in file order")
     s.add_argument("--class-names", default=None, help="a text file with one class name per line")
-    s.add_argument("--ncols", type=int, default=4)
-    s.add_argument("--scale", type=int, default=None, help="PNG pixels per image pixel (default 256 // S, >= 1)")
+    s.add_argument("--ncols", type=positive_int, default=4)
+    s.add_argument("--scale", type=positive_int, default=None,
+                   help="PNG pixels per image pixel (default 256 // S, >= 1)")
 
     b = sub.add_parser("budget", help="top-1 accuracy vs Multiply-Adds from checkpoints or results JSON")
     b.add_argument("sources", nargs="+", help="checkpoints (.pth.tar) and/or results files (.json)")
@@ -64,19 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="patches.png and budget_curve.png from a gfnet-demo output folder")
     r.add_argument("demo_dir")
     r.add_argument("--threshold-index", type=int, default=19)
-    r.add_argument("--max-images", type=int, default=8)
+    r.add_argument("--max-images", type=positive_int, default=8)
     r.add_argument("--bench", nargs="+", default=None, help="bench result JSON files to render too")
     return p
 
 
 def _patches(args) -> int:
-    import torch
-
     from gfnet.checkpoint import load_checkpoint
     from gfnet import viz
 
-    net = load_checkpoint(args.checkpoint, arch=args.arch, patch_size=args.patch_size, T=args.T)
-    net = net.to(torch.device(args.device))
+    device = parse_device(args.device)
+    net = load_checkpoint(args.checkpoint, arch=args.arch, patch_size=args.patch_size, T=args.T).to(device)
     S = args.image_size or int(net.meta.get("image_size") or net.config.image_size)
     crop_pct = args.crop_pct if args.crop_pct is not None else float(net.meta.get("crop_pct")
                                                                      or net.config.crop_pct)
@@ -102,31 +103,48 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["patches"] + argv
     args = _parser().parse_args(argv)
+    return run_command("gfnet-viz", lambda: _run(args))
+
+
+def _prepare_out(path: str, folder_allowed: bool = False) -> None:
+    """Check, before the work, that ``path`` (a file to write, or for ``bench`` maybe a folder) can be
+    written; create its missing folders unless they would start at the filesystem root."""
+    if folder_allowed and (os.path.isdir(path) or not os.path.splitext(path)[1]):
+        prepare_output_dir(path)
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; give a file name")
+    prepare_output_dir(os.path.dirname(os.path.abspath(path)), "--out's folder")
+
+
+def _run(args) -> int:
     from gfnet import viz
 
-    try:
-        if args.command == "patches":
-            return _patches(args)
-        if args.command == "budget":
-            series = viz.plot_budget_curve(args.sources, args.out, labels=args.labels,
-                                           baseline=tuple(args.baseline) if args.baseline else None,
-                                           title=args.title)
-            print(f"{args.out}: {', '.join(s.label for s in series)}")
-            return 0
-        if args.command == "bench":
-            for path in viz.plot_bench(args.results, args.out):
-                print(path)
-            return 0
-        paths = viz.render_report(args.demo_dir, threshold_index=args.threshold_index,
-                                  max_images=args.max_images, bench=args.bench)
-        for key in ("patches", "budget_curve"):
-            print(paths[key])
-        for path in paths["bench"]:
+    if args.command == "report":
+        if not os.path.isdir(args.demo_dir):
+            raise FileNotFoundError(2, "no such demo folder (gfnet-demo --out writes one)", args.demo_dir)
+        prepare_output_dir(args.demo_dir, "the report folder")
+    else:
+        _prepare_out(args.out, folder_allowed=args.command == "bench")
+    if args.command == "patches":
+        return _patches(args)
+    if args.command == "budget":
+        series = viz.plot_budget_curve(args.sources, args.out, labels=args.labels,
+                                       baseline=tuple(args.baseline) if args.baseline else None,
+                                       title=args.title)
+        print(f"{args.out}: {', '.join(s.label for s in series)}")
+        return 0
+    if args.command == "bench":
+        for path in viz.plot_bench(args.results, args.out):
             print(path)
         return 0
-    except (FileNotFoundError, ValueError) as e:
-        print(f"gfnet-viz: error: {e}", file=sys.stderr)
-        return 2
+    paths = viz.render_report(args.demo_dir, threshold_index=args.threshold_index,
+                              max_images=args.max_images, bench=args.bench)
+    for key in ("patches", "budget_curve"):
+        print(paths[key])
+    for path in paths["bench"]:
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

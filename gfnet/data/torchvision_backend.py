@@ -4,6 +4,11 @@ The reference code's own pipeline (PIL decode, torchvision transforms, a DataLoa
 planned batches as the DALI backend (:mod:`gfnet.data.sharding`), so the two read the same files in
 the same batches. A file that fails to decode in a worker comes back as a failure record instead of
 an exception, so an epoch never stops on one bad image.
+
+Training augmentations draw from a generator seeded per sample from (seed, epoch, file index), not from
+the workers' own streams: the pixels of an epoch do not depend on which worker read a file, on how many
+workers there are, nor on whether the run was interrupted and resumed (the workers' streams restart
+then), so a resumed run sees exactly the images of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -44,12 +49,20 @@ class _Files(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        # item: a file index, or (file index, augmentation seed) from _PlannedBatches in training
+        i, seed = item if isinstance(item, tuple) else (item, None)
         path = self.files[i]
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")  # grayscale, CMYK, palette/alpha PNG -> RGB
-            return self.transform(img), self.labels[i], None
+            if seed is None:
+                return self.transform(img), self.labels[i], None
+            # torchvision's random transforms draw from torch's global generator: seed it for this sample
+            # only (fork_rng restores it afterwards: with num_workers=0 this is the training process's).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(img), self.labels[i], None
         except Exception as exc:  # a decoder error of any type must not stop the epoch
             return None, self.labels[i], (path, f"PIL cannot decode it: {describe_decode_error(exc, path)}")
 
@@ -65,10 +78,11 @@ def _collate(samples):
 
 
 class _PlannedBatches:
-    """The DataLoader's batch sampler: the current epoch's planned batches, set before each epoch."""
+    """The DataLoader's batch sampler: the current epoch's planned batches, set before each epoch (lists of
+    file indices, or of (file index, augmentation seed) pairs in training)."""
 
     def __init__(self):
-        self.batches: list[list[int]] = []
+        self.batches: list[list] = []
 
     def __iter__(self):
         return iter(self.batches)
@@ -99,11 +113,20 @@ class TorchvisionLoader(ImageLoader):
                                       persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         return self._loader
 
+    def _augmentation_seeds(self) -> np.ndarray:
+        """int64[len(files)]: the augmentation seed of every file in the current epoch (a function of the
+        loader's seed, the epoch and the file's index only)."""
+        return np.random.default_rng([self.seed, self.epoch, 4]).integers(0, 2**63 - 1, size=len(self.index.files))
+
     def _iterate(self, batches):
         if not batches:
             return
         loader = self._dataloader()
-        self._sampler.batches = [b.tolist() for b in batches]
+        if self.spec.train:
+            seeds = self._augmentation_seeds()
+            self._sampler.batches = [[(i, int(seeds[i])) for i in b.tolist()] for b in batches]
+        else:
+            self._sampler.batches = [b.tolist() for b in batches]
         for images, labels, failures in loader:
             if len(labels) and self.spec.output == "uint8":
                 images = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: torch.channels_last

@@ -10,6 +10,7 @@ import torch.distributed
 
 from gfnet.models.gfnet import GFNet, build_model
 from gfnet.train.distributed import init_distributed
+from gfnet.train.run_folder import RunFolder
 from gfnet.train.trainer import TrainOptions, Trainer
 from gfnet.train.weights import load_backbone_weights
 
@@ -67,12 +68,14 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
                       options: Optional[TrainOptions] = None, init_global: Optional[str] = None,
                       init_local: Optional[str] = None, checkpoint: Optional[str] = None,
                       resume: Optional[str] = None, backend: str = "dali", workers: Optional[int] = None,
-                      device=None, validate: bool = True, uint8: bool = True) -> list[dict]:
+                      device=None, validate: bool = True, uint8: bool = True, overwrite: bool = False) -> list[dict]:
     """Train one stage on ``data/{train,val}/<class>/<image>`` and write checkpoints to ``out``.
 
     Works the same on one process and under ``torchrun`` (one process per GPU; each reads its shard;
     ``options.batch_size`` is the global batch, split evenly). ``uint8=True`` has the loader hand
     uint8 images to the fused glance/focus ops, which normalise them in their own pass.
+    ``resume`` is None, a checkpoint path or "auto"; ``overwrite`` lets a new run replace the run that
+    ``out`` holds (see :meth:`gfnet.train.Trainer.fit` and :mod:`gfnet.train.run_folder`).
 
     ``resume`` (a checkpoint.pth.tar written during training, by gfnet-train or the reference's
     train.py) is the whole starting point: weights, optimiser states and epoch come from it, and
@@ -88,13 +91,18 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
     if options.stage != stage:
         options = TrainOptions(**{**options.__dict__, "stage": stage})
     ctx = init_distributed(device)
+    if ctx.is_main:  # refuse a taken folder or an unusable --resume before the model and data are built
+        RunFolder(out).check(resume, overwrite)
     torch.manual_seed(options.seed)
-    if resume:
+    # the file the network is built from ("auto": the folder's newest training state; the trainer decides
+    # again under the run folder's lock)
+    resume_file = RunFolder(out).resolve_resume("auto") if resume == "auto" else resume
+    if resume_file:
         from gfnet.checkpoint import load_checkpoint
 
         if checkpoint or init_global or init_local:
-            log.info("--resume %s: weights come from it; --checkpoint/--init-* are not read", resume)
-        net = load_checkpoint(resume, arch=arch, patch_size=patch_size, T=T)
+            log.info("--resume %s: weights come from it; --checkpoint/--init-* are not read", resume_file)
+        net = load_checkpoint(resume_file, arch=arch, patch_size=patch_size, T=T)
     else:
         num_classes = None
         if stage == 1 and not checkpoint:
@@ -114,7 +122,7 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
     val_loader = None
     if validate and os.path.isdir(os.path.join(data, "val")):
         val_loader = make_loader(data, train=False, **loader_args)
-    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx)
+    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx, overwrite=overwrite)
     try:
         return trainer.fit(train_loader, val_loader, resume=resume)
     finally:

@@ -30,13 +30,15 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gfnet.checkpoint import LAYOUTS, atomic_save, checkpoint_dict, load_weights, read_checkpoint
+from gfnet.checkpoint import (LAYOUTS, CheckpointError, atomic_save, checkpoint_dict, load_weights, read_checkpoint,
+                              torch_load)
 from gfnet.config import TRANSFORMS
 from gfnet.device import configure_device
 from gfnet.flops import compute_flops
@@ -47,10 +49,11 @@ from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
+from gfnet.train.run_folder import RunFolder, read_run_info
 from gfnet.train.weights import (adam_state_to_reference, fresh_adam_state, load_sgd_state, reset_policy,
                                   sgd_parameter_groups, sgd_state_to_reference)
 
-__all__ = ["TrainOptions", "Trainer", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
+__all__ = ["TrainOptions", "Trainer", "TrainingError", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
 
 log = logging.getLogger("gfnet.train")
 
@@ -59,6 +62,16 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 #: File names in the output folder (the reference's): the last epoch's and the best epoch's checkpoint.
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
+
+#: Options a resumed run must share with the run it continues: they shape the weights or the optimiser's
+#: parameter groups (the architecture, T and patch size are compared on the checkpoint's own fields).
+_FIXED_ON_RESUME = ("stage", "train_global")
+#: Options that only steer the display.
+_UNREPORTED = ("progress", "log_every")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: the loss diverged, or the loader yields nothing to train on."""
 
 
 @dataclass
@@ -142,6 +155,20 @@ class TrainOptions:
         if self.save_layout not in LAYOUTS:
             raise ValueError(f"save_layout must be one of {LAYOUTS}, got {self.save_layout!r}")
         tc = net.config.train
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("backbone_lr", "fc_lr", "weight_decay", "dsn_ratio", "policy_lr", "entropy_coef",
+                     "value_coef"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (self.ppo_epochs >= 1 and self.log_every >= 1):
+            raise ValueError(f"ppo_epochs and log_every must be >= 1, got {self.ppo_epochs}, {self.log_every}")
+        if not (0 < self.action_std and 0 < self.ppo_clip and 0 <= self.gamma <= 1):
+            raise ValueError(f"need action_std > 0, ppo_clip > 0, 0 <= gamma <= 1; got {self.action_std}, "
+                             f"{self.ppo_clip}, {self.gamma}")
         defaults = dict(
             epochs=tc.policy_epochs if self.stage == 2 else tc.epochs, batch_size=tc.batch_size,
             backbone_lr=tc.backbone_lr, fc_lr=tc.fc_stage1_lr if self.stage == 1 else tc.fc_stage3_lr,
@@ -183,20 +210,27 @@ class Trainer:
         ctx: the process's :class:`~gfnet.train.distributed.DistributedContext` (None: one process on
             the device the net is on).
         save_best: also keep ``model_best.pth.tar`` (a copy of the best epoch's checkpoint).
+        overwrite: let a new run replace the run that ``out_dir`` already holds (see
+            :mod:`gfnet.train.run_folder`: without it :meth:`fit` refuses such a folder unless resuming).
 
     The state that resuming restores: weights (with batch-norm statistics), the SGD and Adam states,
-    the gradient scaler, the epoch and step counters, the best accuracy, the history and every
+    the gradient scaler, the epoch and step counters, the best accuracy and epoch, the history and every
     process's RNG states; data order is a function of (seed, epoch) in the loaders.
+
+    Guarantees with ``out_dir`` (see :meth:`fit` and :meth:`save`): one run per folder under a lock,
+    checkpoints written atomically, ``model_best.pth.tar`` the best finished epoch's whenever the process
+    is killed, nothing saved from an epoch whose loss or weights went non-finite.
     """
 
     def __init__(self, net: GFNet, options: TrainOptions, out_dir: Optional[str] = None,
-                 ctx: Optional[DistributedContext] = None, save_best: bool = True):
+                 ctx: Optional[DistributedContext] = None, save_best: bool = True, overwrite: bool = False):
         device = next(net.parameters()).device
         self.ctx = ctx or DistributedContext(device=device)
         self.net = net.to(self.ctx.device)
         self.options = options.resolved(net)
         self.out_dir = out_dir
         self.save_best = save_best
+        self.overwrite = overwrite
         self.device = self.ctx.device
         if self.options.amp == "auto":
             amp = default_amp(self.device) if self.device.type == "cuda" else "none"
@@ -212,6 +246,9 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.best_acc = 0.0
+        self.best_epoch = 0
+        self.run_id = uuid.uuid4().hex
+        self.changes: list[dict] = []  # options changed by resumes: {"epoch", "option", "from", "to"}
         self.history: list[dict] = []
         self._log_handler = None
         self._check_policy_and_layout()
@@ -331,7 +368,14 @@ class Trainer:
 
     def train_epoch(self, loader: Iterable, epoch: int) -> dict:
         """One epoch over ``loader`` (``set_epoch`` is called when it has one). Returns the epoch's
-        statistics over all processes: loss, train_acc per step (%), images, images_per_s, seconds."""
+        statistics over all processes: loss, train_acc per step (%), images, images_per_s, seconds.
+
+        Raises:
+            TrainingError: the loader yielded no image, or the loss went non-finite (checked at each
+                logging step on one process and at the end of the epoch; with fp16 autocast, whose
+                gradient scaler skips overflowing steps, only when every step overflowed), or a trained
+                weight did. Nothing of the epoch is saved then.
+        """
         from tqdm import tqdm
 
         if hasattr(loader, "set_epoch"):
@@ -341,7 +385,9 @@ class Trainer:
         T = self.net.T
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros(T, device=self.device, dtype=torch.int64)
-        n_images = 0
+        bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)  # steps with a non-finite loss
+        n_images = n_steps = 0
+        strict = self.options.amp != "fp16"
         try:
             total = len(loader)
         except TypeError:
@@ -353,11 +399,18 @@ class Trainer:
         for i, (images, labels) in enumerate(loader):
             out = self.train_step(images, labels)
             n = labels.shape[0]
+            bad_steps += ~torch.isfinite(out["loss"])
             loss_sum += out["loss"].double() * n
             correct += out["correct"]
             n_images += n
+            n_steps += 1
             bar.update(1)
             if (i + 1) % self.options.log_every == 0:
+                # One process may stop here (the host synchronises anyway); under DDP every process
+                # must agree, which the epoch's all-reduce below gives.
+                if strict and not self.ctx.enabled and bad_steps.item():
+                    bar.close()
+                    self._diverged(epoch, f"the loss is {out['loss'].item()} at step {i + 1}")
                 now = time.perf_counter()
                 speed = (n_images - last_images) * self.ctx.world_size / max(now - last, 1e-9)
                 last, last_images = now, n_images
@@ -368,11 +421,33 @@ class Trainer:
                     log.debug("epoch %d step %d: %s", epoch + 1, i + 1, postfix)
         bar.close()
         seconds = time.perf_counter() - start
-        totals = torch.cat([loss_sum.view(1), torch.tensor([float(n_images)], device=self.device,
-                                                           dtype=torch.float64), correct.double()])
+        totals = torch.cat([loss_sum.view(1), torch.tensor([float(n_images), float(n_steps)], device=self.device,
+                                                           dtype=torch.float64),
+                            bad_steps.double().view(1), correct.double()])
         self.ctx.all_reduce_sum(totals)
         t = totals.tolist()
-        return EpochStats(t[0], int(t[1]), [int(c) for c in t[2:]], seconds).as_dict()
+        images, steps, bad = int(t[1]), int(t[2]), int(t[3])
+        if images == 0:
+            raise TrainingError(f"epoch {epoch + 1} trained on no image: the training loader yielded no batch "
+                                "(every file failed to decode?); nothing was saved")
+        if bad and (strict or bad == steps):
+            self._diverged(epoch, f"{bad} of {steps} steps had a non-finite loss (the epoch's mean: {t[0] / images})")
+        if not self._weights_finite():
+            self._diverged(epoch, "a trained weight is non-finite")
+        return EpochStats(t[0], images, [int(c) for c in t[4:]], seconds).as_dict()
+
+    def _weights_finite(self) -> bool:
+        trained = [p for p in self.net.parameters() if p.requires_grad]
+        return bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()) if trained else True
+
+    def _diverged(self, epoch: int, what: str) -> None:
+        o = self.options
+        rates = (f"policy lr {o.policy_lr}" if o.stage == 2
+                 else f"backbone lr {o.backbone_lr}, classifier lr {o.fc_lr}")
+        kept = (f"the last good checkpoint (epoch {self.epoch}) stays in {self.out_dir}"
+                if self.out_dir is not None and self.epoch > 0 else "no checkpoint was written")
+        raise TrainingError(f"training diverged in epoch {epoch + 1}: {what}. Nothing of this epoch was saved; "
+                            f"{kept}. Lower the learning rates ({rates}) or check the data for NaN/Inf values")
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict:
@@ -406,19 +481,37 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, train_loader: Iterable, val_loader: Optional[Iterable] = None, resume: Optional[str] = None,
             callbacks: Sequence[Callable[["Trainer", dict], None]] = ()) -> list[dict]:
-        """Train from ``self.epoch`` (or from a training checkpoint ``resume``) to ``options.epochs``.
+        """Train from ``self.epoch`` (or from a training checkpoint) to ``options.epochs``.
 
-        Every epoch: train, evaluate on ``val_loader`` when given, write ``checkpoint.pth.tar`` (and
-        ``model_best.pth.tar`` when the last step's accuracy improves) to ``out_dir``, then call each
+        Args:
+            resume: None (a new run), a training checkpoint's path, or "auto": resume from ``out_dir``'s
+                newest training state if it holds one, else start fresh. With ``out_dir``, a new run
+                refuses a folder that holds another run unless the trainer was made with
+                ``overwrite=True``; the folder is locked while the run lasts (see
+                :mod:`gfnet.train.run_folder`).
+
+        Every epoch: train, evaluate on ``val_loader`` when given, save (:meth:`save`: ``model_best.pth.tar``
+        when the last step's accuracy improves, then ``checkpoint.pth.tar``) to ``out_dir``, then call each
         ``callback(trainer, epoch_record)``. Returns the history: one record per epoch.
+
+        Raises:
+            ValueError: the folder holds another run, the checkpoint belongs to a run with another model,
+                stage or T, or the loader yields no full batch.
+            TrainingError: the loss diverged (:meth:`train_epoch`).
+            RunFolderBusy: another process trains into ``out_dir``.
         """
-        self._open_log()
+        folder = RunFolder(self.out_dir, CHECKPOINT_NAME, BEST_NAME) if self.out_dir is not None else None
         try:
+            resume = self._open_run(folder, resume)
+            self._open_log()
             if resume:
                 self.load_training_state(resume)
                 log.info("resumed from %s at epoch %d (step %d)", resume, self.epoch, self.global_step)
+                if folder is not None and self.ctx.is_main and self.save_best:
+                    self._reconcile_best(folder, resume)
             else:
                 seed_everything(self.options.seed + self.ctx.rank)
+            self._check_loader(train_loader)
             if self.ctx.is_main:
                 log.info("stage %d, %d epoch(s), %d process(es) on %s, amp %s; options %s", self.options.stage,
                          self.options.epochs, self.ctx.world_size, self.device, self.options.amp,
@@ -432,6 +525,9 @@ class Trainer:
                     log.info("stage 2 policy: %s", f"restored from {resume}" if resume else
                              "continued from the checkpoint" if self.options.continue_policy else
                              f"freshly initialised (seed {self.options.seed}), as the reference's train.py")
+                if resume and self.epoch >= self.options.epochs:
+                    log.warning("%s has already trained %d of %d epoch(s): nothing to do (raise --epochs to "
+                                "train on)", resume, self.epoch, self.options.epochs)
             while self.epoch < self.options.epochs:
                 epoch = self.epoch
                 record = {"epoch": epoch + 1, **self.train_epoch(train_loader, epoch)}
@@ -444,6 +540,8 @@ class Trainer:
                     acc = record["train_acc"][-1]
                 is_best = acc > self.best_acc
                 self.best_acc = max(self.best_acc, acc)
+                if is_best:
+                    self.best_epoch = epoch + 1
                 record["acc"], record["best_acc"] = acc, self.best_acc
                 self.epoch = epoch + 1
                 self.history.append(record)
@@ -459,6 +557,48 @@ class Trainer:
             return self.history
         finally:
             self._close_log()
+            if folder is not None:
+                folder.release()
+
+    def _open_run(self, folder: Optional[RunFolder], resume: Optional[str]) -> Optional[str]:
+        """Lock the run folder and decide what to resume from (main process; the others follow its word)."""
+        if folder is None:
+            if resume == "auto":
+                raise ValueError("resume='auto' looks for the run in out_dir: give the trainer an out_dir")
+            return resume
+        answer = (None, None, None)
+        if self.ctx.is_main:
+            try:
+                folder.acquire()
+                answer = (folder.resolve_resume(resume, self.overwrite), None, None)
+            except Exception as e:  # told to every process, so that none waits for the others forever
+                answer = (None, type(e), str(e))
+                if not self.ctx.enabled:
+                    raise
+        path, kind, message = self.ctx.all_gather_object(answer)[0]
+        if kind is not None:
+            raise (kind if issubclass(kind, Exception) else RuntimeError)(message)
+        if path is None and resume == "auto" and self.ctx.is_main:
+            log.info("--resume auto: %s holds no run yet; starting a new one", self.out_dir)
+        return path
+
+    def _check_loader(self, loader: Iterable) -> None:
+        try:
+            batches = len(loader)
+        except TypeError:  # no len(): train_epoch reports an empty epoch instead
+            return
+        if batches == 0:
+            stats = getattr(loader, "stats", None)
+            size = getattr(loader, "batch_size", None)
+            have = f"{stats.valid} valid training images" if stats is not None else "the training images"
+            raise ValueError(f"the training loader yields no batch: {have} make no full batch of {size} per "
+                             f"process ({self.ctx.world_size} process(es)); lower the batch size or add images")
+
+    def _reconcile_best(self, folder: RunFolder, source: str) -> None:
+        info = read_run_info(source)
+        adopted = folder.reconcile_best(source, info)
+        if adopted is not None and adopted.best_acc >= self.best_acc:
+            self.best_acc, self.best_epoch = adopted.best_acc, adopted.best_epoch
 
     # ------------------------------------------------------------------ checkpoints
     def training_state(self) -> dict:
@@ -473,6 +613,9 @@ class Trainer:
             "rng": rng,
             "world_size": self.ctx.world_size,
             "history": self.history,
+            "run_id": self.run_id,
+            "best_epoch": self.best_epoch,
+            "changes": self.changes,
         }
 
     def checkpoint(self) -> dict:
@@ -501,15 +644,22 @@ class Trainer:
         return checkpoint_dict(self.net, layout=o.save_layout, **fields)
 
     def save(self, is_best: bool = False) -> None:
-        """Write ``checkpoint.pth.tar`` (and ``model_best.pth.tar``) atomically to ``out_dir`` (main process)."""
+        """Write the epoch's checkpoint atomically to ``out_dir`` (main process; collective under DDP).
+
+        An improving epoch writes ``model_best.pth.tar`` first and ``checkpoint.pth.tar`` second, both
+        the same content. So at any moment a kill may strike, the best file holds the best finished
+        epoch: killed before the best file's rename, the folder is as after the previous epoch; killed
+        between the two renames, the best file is one epoch ahead of the checkpoint (``resume="auto"``
+        resumes from it; a resume from the older checkpoint adopts it, see
+        :meth:`gfnet.train.run_folder.RunFolder.reconcile_best`).
+        """
         if self.out_dir is None:
             return
         obj = self.checkpoint()
         if self.ctx.is_main:
-            path = os.path.join(self.out_dir, CHECKPOINT_NAME)
-            atomic_save(obj, path)
             if is_best and self.save_best:
                 atomic_save(obj, os.path.join(self.out_dir, BEST_NAME))
+            atomic_save(obj, os.path.join(self.out_dir, CHECKPOINT_NAME))
         self.ctx.barrier()
 
     def load_training_state(self, path: str) -> None:
@@ -518,24 +668,43 @@ class Trainer:
 
         Weights (with batch-norm statistics), the SGD / Adam states (re-indexed from the reference's
         parameter order where needed), the epoch and the best accuracy come from any of them; gfnet's
-        files add the gradient scaler, the step counter, the history and every process's RNG states.
-        A reference file has none of these: the step counter and history restart empty and the random
-        streams restart from seed + rank + epoch.
+        files add the gradient scaler, the step counter, the history, the run's identity and best epoch
+        and every process's RNG states. A reference file has none of these: the step counter and history
+        restart empty and the random streams restart from seed + rank + epoch.
+
+        What a resume cannot change (the architecture, patch size, T, classifier, classes, stage, whether
+        the global encoder trains) must match, else ValueError. Every other option that differs from the
+        checkpoint's (epochs, learning rates, seed, batch size, ...) is logged, one line each, recorded in
+        the checkpoint's ``train_state["changes"]``, and takes effect: the optimisers' hyper-parameters
+        follow the new options, so the stored options and optimiser state never disagree.
+
+        Raises:
+            FileNotFoundError: no such file.
+            CheckpointError: the file is not a gfnet or reference GFNet checkpoint, or holds no training state.
+            ValueError: it belongs to a run that cannot continue as this one.
         """
         o, net = self.options, self.net
+        # gfnet's own files say what run they belong to: name every difference at once, before the reader
+        # (which checks the first it meets) sees the caller's values (mmap: no weight is read for this)
+        peek = torch_load(path, mmap=True)
+        if isinstance(peek, dict) and isinstance(peek.get("train_state"), dict) and "model_state_dict" in peek:
+            self._check_same_model(path, peek)
+        del peek
         ckpt = read_checkpoint(path, arch=net.arch, patch_size=net.patch_size, T=net.T)
         obj = ckpt.raw
         state = obj.get("train_state")
         if ckpt.stage is None:
-            raise ValueError(f"{path} holds no training state: --resume takes the checkpoint.pth.tar written "
-                             "during training (by gfnet-train or the reference's train.py); to start a stage "
-                             "from weights, use --checkpoint")
+            raise CheckpointError(f"{path} holds no training state: --resume takes the checkpoint.pth.tar written "
+                                  "during training (by gfnet-train or the reference's train.py); to start a stage "
+                                  "from weights, use --checkpoint")
         if ckpt.stage != o.stage:
             raise ValueError(f"{path} is a stage-{ckpt.stage} run; this one is stage {o.stage}")
         if ckpt.num_classes != net.num_classes:
             raise ValueError(f"{path} classifies {ckpt.num_classes} classes, this run's net {net.num_classes}")
         if o.stage == 3 and obj["policy"] is None:
             raise ValueError(f"{path} is a stage-3 file without a policy: it cannot continue stage 3")
+        if isinstance(state, dict):
+            self._report_changes(path, obj, state)
         load_weights(net, ckpt)
         if self.optimizer is not None:
             found = load_sgd_state(self.optimizer, obj.get("optimizer"), net, o.train_global, path)
@@ -546,6 +715,8 @@ class Trainer:
                 raise ValueError(f"{path} holds no PPO optimizer state ('ppo_optimizer' is "
                                  f"{type(saved).__name__}): --resume takes a stage-2 file")
             self.ppo_optimizer.load_state_dict(saved)
+        if isinstance(state, dict):
+            self._apply_hyperparameters()
         if o.stage == 2 and int(obj["epoch"]) > 0:
             net.meta["trained_policy"] = True
         self.epoch = int(obj["epoch"])
@@ -563,6 +734,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
+        self.run_id = state.get("run_id") or self.run_id
+        self.best_epoch = read_run_info(path, obj).best_epoch
         rng = state["rng"]
         if len(rng) == self.ctx.world_size:
             restore_rng_state(rng[self.ctx.rank])
@@ -570,6 +743,55 @@ class Trainer:
             log.warning("%s was written by %d process(es), this run has %d: random streams restart from "
                         "seed %d + epoch", path, len(rng), self.ctx.world_size, o.seed)
             seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
+
+    def _check_same_model(self, path: str, obj: dict) -> None:
+        net, o = self.net, self.options
+        stored_T = obj.get("T") if obj.get("T") is not None else (len(obj["flops"]) if obj.get("flops") else None)
+        fc = obj.get("fc") or {}
+        stored_classes = next((int(fc[k].shape[0]) for k in ("fc.weight", "fc_2.weight") if k in fc), None)
+        stored_kind = "gru" if "fc.weight" in fc else ("cascade" if "fc_2.weight" in fc else None)
+        stored_options = obj["train_state"].get("options") or {}
+        pairs = [("architecture", obj.get("model_name"), net.arch),
+                 ("patch size", obj.get("patch_size"), net.patch_size),
+                 ("T", stored_T, net.T),
+                 ("classifier", stored_kind, "gru" if net.fc.is_rnn else "cascade"),
+                 ("classes", stored_classes, net.num_classes)]
+        pairs += [(name, stored_options.get(name), getattr(o, name)) for name in _FIXED_ON_RESUME
+                  if name in stored_options]
+        differ = [f"{name} {have} (checkpoint) vs {want} (this run)" for name, have, want in pairs
+                  if have is not None and have != want]
+        if differ:
+            raise ValueError(f"{path} cannot be resumed as this run: " + "; ".join(differ) + ". A resume "
+                             "continues the same run; to train a changed model, start a new run in another "
+                             "output folder")
+
+    def _report_changes(self, path: str, obj: dict, state: dict) -> None:
+        stored = state.get("options") or {}
+        now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()}
+        self.changes = list(state.get("changes") or [])
+        epoch = int(obj.get("epoch") or 0)
+        for key, value in now.items():
+            if key in _UNREPORTED or key not in stored or stored[key] == value:
+                continue
+            if self.ctx.is_main:
+                log.warning("resume: %s changes from %r to %r (from epoch %d on)", key, stored[key], value, epoch + 1)
+            self.changes.append({"epoch": epoch, "option": key, "from": stored[key], "to": value})
+        if int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size and self.ctx.is_main:
+            log.warning("resume: processes change from %d to %d", state["world_size"], self.ctx.world_size)
+        if epoch > 0 and self.options.epochs is not None and epoch > self.options.epochs and self.ctx.is_main:
+            log.warning("resume: %s has trained %d epochs, more than --epochs %d", path, epoch, self.options.epochs)
+
+    def _apply_hyperparameters(self) -> None:
+        # A loaded optimiser state carries the old run's base learning rates, momentum and weight decay in
+        # its parameter groups; the options of this run rule (they are what the checkpoint will store).
+        o = self.options
+        if self.optimizer is not None:
+            for g in self.optimizer.param_groups:
+                g["base_lr"] = o.fc_lr if g.get("name") == "fc" else o.backbone_lr
+                g.update(momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        if self.ppo_optimizer is not None:
+            for g in self.ppo_optimizer.param_groups:
+                g.update(lr=o.policy_lr, betas=tuple(o.policy_betas))
 
     # ------------------------------------------------------------------ logging
     def _open_log(self) -> None:

@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from gfnet.checkpoint import (CheckpointFile, load_weights, pycls_to_timm, reference_parameter_order,
-                              strip_module_prefix)
+                              strip_module_prefix, torch_load)
 from gfnet.models.encoder import Encoder
 from gfnet.models.gfnet import GFNet
 
@@ -64,7 +64,8 @@ def load_backbone_weights(encoder: Encoder, path: str, strict_head: bool = False
     if role not in ("global", "local"):
         raise ValueError(f"role must be 'global' or 'local', got {role!r}")
     field = "model_prime_state_dict" if role == "global" else "model_state_dict"
-    state = strip_module_prefix(_unwrap(torch.load(path, map_location="cpu", weights_only=True), path, field))
+    obj = torch_load(path, what="a backbone state dict nor a gfnet or reference GFNet checkpoint")
+    state = strip_module_prefix(_unwrap(obj, path, field))
     if encoder.config.family == "regnet" and any(".f.a." in k or k.startswith("stem.conv") for k in state):
         state = pycls_to_timm(state)
     own = encoder.net.state_dict()
