@@ -46,10 +46,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "make-sample":
-        tree = make_sample_tree(args.root, num_classes=args.classes, train_per_class=args.train_per_class,
-                                val_per_class=args.val_per_class, photo_size=(args.width, args.height),
-                                quality=args.quality, source=args.source, bad_files=args.bad_files,
-                                seed=args.seed)
+        try:
+            tree = make_sample_tree(args.root, num_classes=args.classes, train_per_class=args.train_per_class,
+                                    val_per_class=args.val_per_class, photo_size=(args.width, args.height),
+                                    quality=args.quality, source=args.source, bad_files=args.bad_files,
+                                    seed=args.seed)
+        except (FileExistsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         for split, files in tree.files.items():
             bad = sum(not f.valid for f in files)
             print(f"{args.root}/{split}: {len(files)} files in {len(tree.classes)} class folders"
