@@ -332,7 +332,8 @@ class DaliLoader(ImageLoader):
             if self.spec.train:
                 one.windows, one.flips = read.windows[k:k + 1], read.flips[k:k + 1]
             try:
-                probe = probe or build_pipeline(self.spec, 1, 1, self._device_id())
+                if probe is None:
+                    probe = build_pipeline(self.spec, 1, 1, self._device_id())
                 self._feed(probe, one)
                 probe.outputs()
             except RuntimeError as exc:
