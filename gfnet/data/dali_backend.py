@@ -284,7 +284,7 @@ class DaliLoader(ImageLoader):
         retried: set = set()
         try:
             while True:
-                while len(scheduled) < _PREFETCH:
+                while len(scheduled) <= _PREFETCH:  # the batch to return now, and _PREFETCH behind it
                     read = waiting.popleft() if waiting else reader.get()
                     if read is None:
                         break
