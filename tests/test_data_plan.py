@@ -164,13 +164,21 @@ def test_an_epoch_is_the_same_in_a_new_process_as_after_earlier_epochs(tree, bac
         assert straight._pipe is pipeline  # kept across epochs, not built again
 
 
-def test_dali_loop_left_mid_epoch_does_not_leak_into_the_next(tree):
+def test_dali_loops_left_mid_epoch_or_open_together_do_not_mix(tree):
+    # The pipeline is kept across epochs: a loop left with batches still scheduled in it, or a
+    # second loop opened while the first is open, must not receive the other's batches.
     a = make(tree.root, "dali", batch_size=2, seed=1)
+    b = make(tree.root, "dali", batch_size=2, seed=1)
+    expected = {e: epoch(b, e) for e in (0, 1)}
     a.set_epoch(0)
     for _ in a:
-        break  # left with batches still scheduled in the pipeline
-    b = make(tree.root, "dali", batch_size=2, seed=1)
-    assert same_batches(epoch(a, 1), epoch(b, 1))
+        break
+    assert same_batches(epoch(a, 1), expected[1])
+    a.set_epoch(0)
+    first = iter(a)
+    head = [tuple(t.clone() for t in next(first))]
+    assert same_batches(epoch(a, 1), expected[1])  # while `first` is still open
+    assert same_batches(head + [(x.clone(), y.clone()) for x, y in first], expected[0])
 
 
 def test_dali_decode_errors_are_isolated_and_refilled(tmp_path, monkeypatch):

@@ -211,11 +211,8 @@ class DaliLoader(ImageLoader):
     def _device_id(self):
         return None if self.device.type == "cpu" else self.device.index
 
-    def _pipeline(self):
-        # Kept across epochs: nothing in it depends on the epoch. Dropped only when an error killed it.
-        if getattr(self, "_pipe", None) is None:
-            self._pipe = build_pipeline(self.spec, self.batch_size, max(1, self.num_threads), self._device_id())
-        return self._pipe
+    def _new_pipeline(self):
+        return build_pipeline(self.spec, self.batch_size, max(1, self.num_threads), self._device_id())
 
     def _load(self, i: int):
         """One file's bytes and size, or why it is skipped (read by the reader thread)."""
@@ -273,55 +270,61 @@ class DaliLoader(ImageLoader):
         plan = self.shard_plan()
         bad = set(batches[0].bad)  # known bad this epoch: grows as files fail
         reader = _Reader(lambda b: self._assemble(b, plan, bad), batches, _READ_AHEAD)
+        # The kept pipeline is lent to one iteration at a time (another one, still open, gets its own).
+        pipe, self._pipe = getattr(self, "_pipe", None), None
         try:
-            yield from self._run(reader, plan, bad)
+            yield from self._run(reader, plan, bad, pipe)
         finally:
             reader.close()
 
-    def _run(self, reader: _Reader, plan: ShardPlan, bad: set):
+    def _run(self, reader: _Reader, plan: ShardPlan, bad: set, pipe):
+        """Feed the reader's batches through `pipe` (built when None), yield their outputs, and
+        give the pipeline back to the loader when the epoch ran to its end: it is kept across
+        epochs, as nothing in it depends on the epoch."""
         scheduled: collections.deque[_ReadBatch] = collections.deque()  # fed, oldest first
         waiting: collections.deque[_ReadBatch] = collections.deque()  # to feed again after a failure
         retried: set = set()
-        try:
-            while True:
-                while len(scheduled) <= _PREFETCH:  # the batch to return now, and _PREFETCH behind it
-                    read = waiting.popleft() if waiting else reader.get()
-                    if read is None:
-                        break
-                    if not len(read.indices):  # evaluation: every file of the batch failed
-                        yield _EMPTY_IMAGES, _EMPTY_LABELS, self._failures(read.failures)
-                        continue
-                    scheduled.append(read)
-                    try:
-                        self._feed(self._pipeline(), read)
-                    except RuntimeError:
-                        break  # the pipeline is dead: its error is met below, at the oldest batch
-                if not scheduled:
-                    return
-                read = scheduled[0]
-                try:
-                    (out,) = self._pipeline().outputs()
-                    images = self._to_torch(out)
-                except RuntimeError:  # DALI's "Critical error in pipeline": the pipeline is dead
-                    self._pipe = None
-                    found = self._find_undecodable(read, retried)
-                    bad.update(found)
-                    again = [read] + list(scheduled)[1:] + list(waiting)
-                    scheduled.clear()
-                    waiting.clear()
-                    for r in again:  # fed again to a new pipeline; those holding a file just found bad, refilled
-                        if any(i in found for i in r.indices.tolist()):
-                            fixed = self._assemble(r.batch, plan, bad)
-                            fixed.failures = (r.failures + [(i, found[i]) for i in r.indices.tolist() if i in found]
-                                              + fixed.failures)
-                            r = fixed
-                        waiting.append(r)
+        while True:
+            while len(scheduled) <= _PREFETCH:  # the batch to return now, and _PREFETCH behind it
+                read = waiting.popleft() if waiting else reader.get()
+                if read is None:
+                    break
+                if not len(read.indices):  # evaluation: every file of the batch failed
+                    yield _EMPTY_IMAGES, _EMPTY_LABELS, self._failures(read.failures)
                     continue
-                scheduled.popleft()
-                yield images, self._labels(read.indices).to(self.device), self._failures(read.failures)
-        finally:
-            if scheduled or waiting:  # left mid-epoch: outputs still queued in the pipeline would feed the next epoch
-                self._pipe = None
+                scheduled.append(read)
+                try:
+                    if pipe is None:
+                        pipe = self._new_pipeline()
+                    self._feed(pipe, read)
+                except RuntimeError:
+                    break  # the pipeline is dead: its error is met below, at the oldest batch
+            if not scheduled:
+                # Run to the end with nothing left in flight: kept for the next epoch. (Left mid-epoch,
+                # it is dropped: the outputs still queued in it would feed the next epoch.)
+                self._pipe = pipe
+                return
+            read = scheduled[0]
+            try:
+                (out,) = pipe.outputs()
+                images = self._to_torch(out)
+            except RuntimeError:  # DALI's "Critical error in pipeline": the pipeline is dead
+                pipe = None
+                found = self._find_undecodable(read, retried)
+                bad.update(found)
+                again = [read] + list(scheduled)[1:] + list(waiting)
+                scheduled.clear()
+                waiting.clear()
+                for r in again:  # fed again to a new pipeline; those holding a file just found bad, refilled
+                    if any(i in found for i in r.indices.tolist()):
+                        fixed = self._assemble(r.batch, plan, bad)
+                        fixed.failures = (r.failures + [(i, found[i]) for i in r.indices.tolist() if i in found]
+                                          + fixed.failures)
+                        r = fixed
+                    waiting.append(r)
+                continue
+            scheduled.popleft()
+            yield images, self._labels(read.indices).to(self.device), self._failures(read.failures)
 
     def _find_undecodable(self, read: _ReadBatch, retried: set) -> dict[int, str]:
         """The files of a batch that DALI fails on alone, with the reason; each run through a pipeline of one."""
