@@ -1,7 +1,7 @@
 """Both data backends give the same image for every file, or both skip it with the same reason.
 
-Each fault is a real file written here: a JPEG with an EXIF orientation tag, 16-bit PNGs, JPEGs
-corrupted in the middle of their image data, a PNG over PIL's decompression-bomb limit. Evaluation
+Each fault is a real file written here: a JPEG with an EXIF orientation tag, 16-bit PNGs, JPEGs and
+PNGs corrupted in the middle of their image data, a PNG over PIL's decompression-bomb limit. Evaluation
 runs with image_size = crop_pct * shorter side, so the resize is an identity and the crop an integer
 slice: what is compared is the decoders' output.
 
@@ -202,6 +202,27 @@ def test_random_mid_file_corruptions_get_one_verdict(tmp_path):
     assert 0 < len(dali_skipped) < len(paths)  # the seed makes both kinds of outcome
     for path in dali:
         assert max_diff(dali[path], tv[path]) == 0, path
+
+
+def test_png_corrupted_in_the_middle_is_skipped_by_both_with_one_reason(tmp_path):
+    buf = io.BytesIO()
+    photo(48, 32, seed=6).save(buf, format="PNG")
+    good = buf.getvalue()
+    k = good.index(b"IDAT")
+    end = k + 4 + int.from_bytes(good[k - 4:k], "big")
+    # A bad CRC on the image data: PIL never checks it (and decodes the file), libpng rejects it.
+    bad_crc = good[:end] + bytes(4) + good[end + 4:]
+    # Garbled compressed data (its CRC no longer matches either).
+    garbled = bytearray(good)
+    garbled[k + 20:k + 30] = bytes(10)
+    paths = write_val(tmp_path, {"bad_crc.png": bad_crc, "garbled.png": bytes(garbled), "good.png": good})
+    with Image.open(paths["bad_crc.png"]) as check:
+        check.load()  # the reference pipeline would train on it
+    got = read_both(tmp_path)
+    for name in ("bad_crc.png", "garbled.png"):
+        reasons = [got[b][1].get(paths[name]) for b in BACKENDS]
+        assert reasons[0] == reasons[1] and "corrupt PNG: bad CRC in chunk b'IDAT'" in reasons[0], name
+    assert torch.equal(got["dali"][0][paths["good.png"]], got["torchvision"][0][paths["good.png"]])
 
 
 def test_image_over_the_decompression_bomb_limit_is_refused_by_both(tmp_path):

@@ -20,6 +20,8 @@ that they skip the same files with the same reason where their decoders would di
   unknown marker, a malformed table or scan header): PIL raises on it ("broken data stream") while
   DALI's decoder keeps the rows decoded so far. Garbled bytes without such a marker are decoded
   identically by both (libjpeg-turbo's error recovery, measured bit-identical), so they pass;
+- a PNG whose chunks do not add up or fail their CRC: libpng (DALI) rejects a bad CRC in the image
+  data that PIL never checks, and PIL rejects one in a metadata chunk that libpng skips;
 - an image over PIL's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels): PIL
   refuses it, DALI would decode it;
 - a 16- or 32-bit grayscale image (PIL modes ``I;16*``, ``I``, ``F``): the reference's
@@ -131,6 +133,10 @@ def inspect_encoded(data) -> EncodedImage:
         if reason is not None:
             return EncodedImage(reason)
     else:
+        if raw.startswith(PNG_SIGNATURE):
+            reason = png_structure(raw)
+            if reason is not None:
+                return EncodedImage(reason)
         try:
             with Image.open(io.BytesIO(raw)) as img:
                 (width, height), mode = img.size, img.mode
@@ -155,6 +161,25 @@ def _too_large(pixels: int) -> str:
 
     return (f"image too large: {pixels} pixels, over PIL's decompression-bomb limit of "
             f"{2 * Image.MAX_IMAGE_PIXELS} (2 * PIL.Image.MAX_IMAGE_PIXELS); raise that limit if you trust the file")
+
+
+def png_structure(raw: bytes) -> str | None:
+    """Walk a PNG's chunks up to IEND, checking each one's length and CRC; None if they add up."""
+    import zlib
+
+    pos, n = len(PNG_SIGNATURE), len(raw)
+    while pos + 12 <= n:
+        length = int.from_bytes(raw[pos:pos + 4], "big")
+        kind = raw[pos + 4:pos + 8]
+        end = pos + 8 + length
+        if end + 4 > n:
+            return f"truncated or corrupt PNG: chunk {kind!r} at byte {pos} runs past the end of the file"
+        if zlib.crc32(raw[pos + 4:end]) != int.from_bytes(raw[end:end + 4], "big"):
+            return f"corrupt PNG: bad CRC in chunk {kind!r} at byte {pos}"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return "truncated PNG: no IEND chunk"
 
 
 # Markers libjpeg reads after the first scan header: DHT, DAC, SOS, DQT, DNL, DRI, APPn, COM. Any
