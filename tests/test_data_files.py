@@ -227,14 +227,21 @@ def test_png_corrupted_in_the_middle_is_skipped_by_both_with_one_reason(tmp_path
 
 def test_image_over_the_decompression_bomb_limit_is_refused_by_both(tmp_path):
     side = 14000  # 196 M pixels > 2 * PIL.Image.MAX_IMAGE_PIXELS (178.9 M)
-    paths = write_val(tmp_path, {"huge.png": huge_png(side), "ok.jpg": jpeg_bytes(photo())})
+    # A JPEG whose frame header announces side x side pixels (its data is that of a small image).
+    small = bytearray(jpeg_bytes(photo()))
+    sof = small.index(b"\xff\xc0")
+    small[sof + 5:sof + 9] = struct.pack(">HH", side, side)
+    paths = write_val(tmp_path, {"huge.png": huge_png(side), "huge.jpg": bytes(small), "ok.jpg": jpeg_bytes(photo())})
     assert os.path.getsize(paths["huge.png"]) < 100_000
     assert side * side > 2 * Image.MAX_IMAGE_PIXELS
-    with pytest.raises(Image.DecompressionBombError):
-        Image.open(paths["huge.png"])
+    for name in ("huge.png", "huge.jpg"):
+        with pytest.raises(Image.DecompressionBombError):
+            Image.open(paths[name])
     got = read_both(tmp_path)
-    reasons = [got[b][1].get(paths["huge.png"]) for b in BACKENDS]
-    assert reasons[0] == reasons[1] and "decompression-bomb limit" in reasons[0] and str(side * side) in reasons[0]
+    for name in ("huge.png", "huge.jpg"):
+        reasons = [got[b][1].get(paths[name]) for b in BACKENDS]
+        assert reasons[0] == reasons[1] and "decompression-bomb limit" in reasons[0], name
+        assert str(side * side) in reasons[0]
     assert torch.equal(got["dali"][0][paths["ok.jpg"]], got["torchvision"][0][paths["ok.jpg"]])
 
 
