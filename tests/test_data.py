@@ -190,6 +190,8 @@ def test_make_sample_replaces_an_earlier_sample_only(tmp_path):
     second = make_sample_tree(root, num_classes=2, train_per_class=1, val_per_class=1, photo_size=(16, 12))
     assert sorted(os.listdir(root / "train")) == second.classes != first.classes
     assert index_split(root, "train").classes == second.classes
+    os.remove(os.path.join(root, second.files["train"][0].relpath))  # part of a sample is still ours
+    make_sample_tree(root, num_classes=2, train_per_class=1, val_per_class=1, photo_size=(16, 12))
     # A file of the user's added to the sample makes the folder theirs: refused.
     extra = root / "val" / second.classes[0] / "mine.JPEG"
     extra.write_bytes(b"user data")

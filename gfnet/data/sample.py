@@ -66,6 +66,8 @@ MANIFEST = ".gfnet-sample.json"
 def _earlier_sample(root: str) -> dict | None:
     """What an earlier sample in `root` wrote ({"files": [...], "dirs": [...]}), None if `root` is new or empty.
 
+    `root` may hold an earlier sample, or part of one, and nothing else.
+
     Raises:
         FileExistsError: `root` is a file, or holds anything but exactly an earlier sample.
     """
@@ -89,14 +91,15 @@ def _earlier_sample(root: str) -> dict | None:
         rel = os.path.relpath(top, root)
         dirs.update(os.path.normpath(os.path.join(rel, d)) for d in subdirs)
         files.update(os.path.normpath(os.path.join(rel, n)) for n in names)
-    if files - {MANIFEST} != listed_files or not dirs <= listed_dirs:
+    if not files - {MANIFEST} <= listed_files or not dirs <= listed_dirs:  # something not ours is there
         raise refuse
     return manifest
 
 
 def _remove_sample(root: str, manifest: dict) -> None:
     for rel in manifest["files"]:
-        os.remove(os.path.join(root, rel))
+        if os.path.lexists(os.path.join(root, rel)):  # the user may have deleted some
+            os.remove(os.path.join(root, rel))
     for rel in sorted(manifest["dirs"], key=lambda d: d.count(os.sep), reverse=True):  # deepest first
         if os.path.isdir(os.path.join(root, rel)):
             os.rmdir(os.path.join(root, rel))
