@@ -8,8 +8,8 @@ batches are kept. A new epoch (``set_epoch``) gives a new permutation.
 Every shard therefore plans the same number of training batches, and it must yield exactly that
 many full batches, or the other processes of a DDP run wait forever in their all-reduce. A file
 that fails to decode is replaced, never dropped: batch b takes replacements from the shard's images
-of the epoch that follow it (first the ones cut off the last full batch), wrapping round to the
-shard's first image; see :meth:`ShardPlan.spares`. Replacements depend only on the plan and on
+of the epoch that follow it (through those cut off after the last full batch), wrapping round to
+the shard's first image; see :meth:`ShardPlan.spares`. Replacements depend only on the plan and on
 which files are bad, not on when a bad file was found, so a resumed run reads what an uninterrupted
 one reads.
 
