@@ -251,7 +251,8 @@ def test_jpeg_structure_accepts_valid_files_and_reads_their_size():
         data = jpeg_bytes(photo(50, 30), **kw)
         assert jpeg_structure(data) == (None, 50, 30), kw
     gray = jpeg_bytes(photo(50, 30).convert("L"))
-    assert inspect_encoded(gray).reason is None and (inspect_encoded(gray).width, inspect_encoded(gray).height) == (50, 30)
+    check = inspect_encoded(gray)
+    assert check.reason is None and (check.width, check.height) == (50, 30)
     assert "no end-of-image" in jpeg_structure(jpeg_bytes(photo())[:-2])[0]
 
 
