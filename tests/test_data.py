@@ -124,6 +124,82 @@ def test_index_cache_is_reused_and_refreshed_when_a_folder_changes(tree, monkeyp
     assert str(cdir / "new.JPEG") in index.files
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "binary", "old_version", "json_list", "bad_entries",
+                                    "other_folder"])
+def test_malformed_index_cache_is_reported_once_and_rebuilt(tree, cache_dir, damage, monkeypatch, caplog):
+    import json
+
+    first = index_split(tree.root, "train")
+    cpath = index_module.cache_path(os.path.join(tree.root, "train"))
+    good = open(cpath, "rb").read()
+    data = json.loads(good)
+    damaged = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"this is not an index {[",
+        "binary": bytes(range(256)) * 4,
+        "old_version": json.dumps({**data, "version": 0}).encode(),
+        "json_list": b"[1, 2, 3]",
+        "bad_entries": json.dumps({**data, "classes": {c: {"mtime_ns": v["mtime_ns"], "entries": "x"}
+                                                       for c, v in data["classes"].items()}}).encode(),
+        "other_folder": json.dumps({**data, "split_dir": "/somewhere/else"}).encode(),
+    }[damage]
+    with open(cpath, "wb") as fh:
+        fh.write(damaged)
+    with caplog.at_level(logging.WARNING, logger="gfnet.data"):
+        again = index_split(tree.root, "train")
+        loader(tree, "dali", train=True)  # the loader works on the rebuilt index
+    assert again.files == first.files and again.labels == first.labels and again.skipped == first.skipped
+    warnings = [r for r in caplog.records if "index cache" in r.getMessage()]
+    assert len(warnings) == 1 and cpath in warnings[0].getMessage()
+    assert json.loads(open(cpath, "rb").read()) == data  # rewritten whole
+    assert not [n for n in os.listdir(os.path.dirname(cpath)) if n.endswith(".tmp")]
+
+    # Rebuilt: the next run reads it again without a word and without validating a file.
+    calls = []
+    monkeypatch.setattr(index_module, "check_image_file", lambda p: calls.append(p))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gfnet.data"):
+        assert index_split(tree.root, "train").files == first.files
+    assert calls == [] and caplog.text == ""
+
+
+def test_make_sample_refuses_a_folder_that_holds_other_data(tmp_path, capsys):
+    from gfnet.cli.data import main
+
+    root = tmp_path / "imagenet"
+    (root / "train" / "n99999999").mkdir(parents=True)
+    (root / "train" / "n99999999" / "mine.JPEG").write_bytes(b"user data")
+    before = sorted(str(p) for p in root.rglob("*"))
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_sample_tree(root, num_classes=2, train_per_class=1, val_per_class=1, photo_size=(16, 12))
+    assert main(["make-sample", str(root), "--classes", "2", "--train-per-class", "1", "--val-per-class", "1",
+                 "--width", "16", "--height", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gfnet-data: error: ") and "not empty" in err and "Traceback" not in err
+    assert sorted(str(p) for p in root.rglob("*")) == before  # nothing written
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        make_sample_tree(tmp_path / "afile")
+
+
+def test_make_sample_replaces_an_earlier_sample_only(tmp_path):
+    root = tmp_path / "sample"
+    first = make_sample_tree(root, num_classes=3, train_per_class=2, val_per_class=1, photo_size=(16, 12),
+                             bad_files=True)
+    # Written again with fewer classes: the earlier sample is replaced, no stale class folder stays.
+    second = make_sample_tree(root, num_classes=2, train_per_class=1, val_per_class=1, photo_size=(16, 12))
+    assert sorted(os.listdir(root / "train")) == second.classes != first.classes
+    assert index_split(root, "train").classes == second.classes
+    os.remove(os.path.join(root, second.files["train"][0].relpath))  # part of a sample is still ours
+    make_sample_tree(root, num_classes=2, train_per_class=1, val_per_class=1, photo_size=(16, 12))
+    # A file of the user's added to the sample makes the folder theirs: refused.
+    extra = root / "val" / second.classes[0] / "mine.JPEG"
+    extra.write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_sample_tree(root, num_classes=2, train_per_class=1, val_per_class=1, photo_size=(16, 12))
+    assert extra.read_bytes() == b"user data"
+
+
 def test_missing_root_or_split_names_the_path(tmp_path, tree):
     missing = tmp_path / "no_such_dataset"
     with pytest.raises(FileNotFoundError, match="no_such_dataset"):

@@ -497,7 +497,7 @@ def test_data_demo_viz_errors_are_one_line(sample, tmp_path, capsys):
         one_line_error(capsys, "gfnet-data")
     (tmp_path / "a_file").write_text("x")
     assert data.main(["make-sample", str(tmp_path / "a_file")]) == 2
-    assert "Not a directory" in one_line_error(capsys, "gfnet-data")
+    assert "is not a folder" in one_line_error(capsys, "gfnet-data")
     assert demo.main(["--out", str(tmp_path / "a_file"), "--quick", "--no-progress"]) == 2
     assert "is a file, not a folder" in one_line_error(capsys, "gfnet-demo")
     with pytest.raises(SystemExit):

@@ -78,7 +78,7 @@ def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "") -> i
         return body()
     except KeyboardInterrupt:
         return fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         return fail(describe_os_error(e) if e.filename else str(e), 2)
     except OSError as e:
         return fail(describe_os_error(e), 1)

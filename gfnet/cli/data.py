@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command == "make-sample":
+        # a non-empty root is refused (FileExistsError): one line and exit status 2, by run_command
         tree = make_sample_tree(args.root, num_classes=args.classes, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, photo_size=(args.width, args.height),
                                 quality=args.quality, source=args.source, bad_files=args.bad_files,

@@ -5,9 +5,9 @@
 - :func:`index_split`: the validated, cached file list of a split (:mod:`gfnet.data.index`).
 - :func:`make_sample_tree`: a small sample tree of real JPEGs, no download (:mod:`gfnet.data.sample`).
 """
-from gfnet.data.index import SplitIndex, index_split
-from gfnet.data.loader import IMAGENET_MEAN, IMAGENET_STD, ImageLoader, LoaderStats, make_loader
+from gfnet.data.index import IMAGE_EXTENSIONS, SplitIndex, index_split
+from gfnet.data.loader import IMAGENET_MEAN, IMAGENET_STD, ImageLoader, LoaderStats, default_num_threads, make_loader
 from gfnet.data.sample import SampleTree, make_sample_tree
 
-__all__ = ["make_loader", "ImageLoader", "LoaderStats", "index_split", "SplitIndex", "make_sample_tree",
-           "SampleTree", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["make_loader", "ImageLoader", "LoaderStats", "default_num_threads", "index_split", "SplitIndex",
+           "IMAGE_EXTENSIONS", "make_sample_tree", "SampleTree", "IMAGENET_MEAN", "IMAGENET_STD"]

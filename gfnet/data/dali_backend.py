@@ -1,24 +1,39 @@
 """The NVIDIA DALI backend of :func:`gfnet.data.make_loader`.
 
-The file bytes enter the pipeline through an external source, one planned batch at a time (the
-plan of :mod:`gfnet.data.sharding`), so that shuffling, sharding and the partial last batch are exact
-and a decoding failure is traced to its files. On a GPU the decoder is DALI's "mixed" one (nvJPEG,
-with the hardware JPEG decoder where the GPU has one) and resizing runs on the GPU; on the CPU
+The file bytes enter the pipeline through external sources, one planned batch at a time (the plan
+of :mod:`gfnet.data.sharding`), so that shuffling, sharding and the partial last batch are exact and
+a decoding failure is traced to its files. On a GPU the decoder is DALI's "mixed" one (nvJPEG, with
+the hardware JPEG decoder where the GPU has one) and resizing runs on the GPU; on the CPU
 (``device_id=None``) it is libjpeg-turbo and DALI's CPU resize, both on `num_threads` threads.
 
-Evaluation computes the reference's geometry (torchvision Resize(int) then CenterCrop) inside the
-graph from the image's header shape, then resizes only the centre-crop region: one resampling over
-``roi = crop window / scale``, which samples exactly the pixels that resize-then-crop would, without
-computing the part of the resized image that the crop throws away.
+A reader thread reads each batch's files, checks them (:func:`gfnet.data.validate.inspect_encoded`,
+replacing failures in training batches) and draws the training crops (:mod:`gfnet.data.augment`) a
+few batches ahead, so the training thread only feeds the pipeline and takes its outputs. The
+pipeline has no random operator of its own: it is built once per loader and kept across epochs
+(only a decoding error, which leaves a DALI pipeline unusable, makes it built again), and its
+output depends on the plan alone, so an interrupted run resumes exactly.
+
+Training decodes only the crop window (``decoders.image_slice``: ROI decoding, pixel-identical to
+cropping the full decode). Evaluation computes the reference's geometry (torchvision Resize(int)
+then CenterCrop) inside the graph from the image's header shape, then resizes only the centre-crop
+region: one resampling over ``roi = crop window / scale``, which samples exactly the pixels that
+resize-then-crop would, without computing the part of the resized image that the crop throws away.
+EXIF orientation is not applied (``adjust_orientation=False``), as PIL in the reference pipeline.
 """
 from __future__ import annotations
 
 import collections
+import queue
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from gfnet.data.augment import batch_augmentation
 from gfnet.data.loader import ImageLoader, TransformSpec
+from gfnet.data.sharding import PlannedBatch, ShardPlan, fill_batch
+from gfnet.data.validate import inspect_encoded
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -32,8 +47,10 @@ except ImportError as exc:  # pragma: no cover - exercised only where DALI is ab
 _INTERP = {"nearest": types.INTERP_NN, "bilinear": types.INTERP_LINEAR,
            "bicubic": types.INTERP_CUBIC, "lanczos": types.INTERP_LANCZOS3}
 
-#: Batches fed ahead of the one being returned (DALI's prefetch queue depth).
+#: Batches scheduled in the pipeline ahead of the one being returned.
 _PREFETCH = 2
+#: Batches the reader thread prepares ahead of the pipeline.
+_READ_AHEAD = 3
 
 _EMPTY_IMAGES = torch.empty(0)
 _EMPTY_LABELS = torch.empty(0, dtype=torch.int64)
@@ -50,7 +67,7 @@ def _center_crop_roi(encoded, spec: TransformSpec):
     int(R * long / short); the crop offset is round-half-to-even((size - S) / 2).
     """
     S, R = spec.image_size, spec.resize_size
-    shape = fn.peek_image_shape(encoded, dtype=types.INT64)
+    shape = fn.peek_image_shape(encoded, dtype=types.INT64, adjust_orientation=False)
     h, w = shape[0], shape[1]
     short = w + (h - w) * (h < w)
     new_long = (R * (h + w - short)) // short
@@ -68,32 +85,37 @@ def _center_crop_roi(encoded, spec: TransformSpec):
     return start, end
 
 
-def build_pipeline(spec: TransformSpec, batch_size: int, num_threads: int, device_id: int | None, seed: int,
-                   prefetch: int = 2):
-    """A DALI pipeline reading encoded images from the external source named "encoded".
+def build_pipeline(spec: TransformSpec, batch_size: int, num_threads: int, device_id: int | None):
+    """A DALI pipeline fed through external sources, one batch per ``schedule_run``.
 
-    Its first ``schedule_run`` runs `prefetch` iterations: feed that many batches before it.
-    Outputs one batch of ``[N, 3, S, S]`` float32 (normalised, CHW) or ``[N, S, S, 3]`` uint8 (HWC),
-    on the GPU when `device_id` is not None.
+    Inputs: "encoded" (the file bytes, ``uint8[n]`` per image); in training also "anchor" and
+    "shape" (``int32[2]``, the crop window's (left, top) and (width, height)) and "mirror"
+    (``int32`` 0/1). Outputs one batch of ``[N, 3, S, S]`` float32 (normalised, CHW) or
+    ``[N, S, S, 3]`` uint8 (HWC), on the GPU when `device_id` is not None. The prefetch queue depth
+    is 1, so that every ``schedule_run`` runs exactly one fed batch; the caller keeps several
+    scheduled.
     """
-    decode_device = "cpu" if device_id is None else "mixed"
+    mixed = device_id is not None
+    decode = dict(device="mixed" if mixed else "cpu", output_type=types.RGB, adjust_orientation=False)
+    if mixed:  # libjpeg's chroma upsampling, as the CPU decoder and PIL use
+        decode["jpeg_fancy_upsampling"] = True
     interp = _INTERP[spec.interpolation]
     S = spec.image_size
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=0,
+                  prefetch_queue_depth=1, exec_dynamic=True)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
         mirror = None
         if spec.train:
-            images = fn.decoders.image_random_crop(
-                encoded, device=decode_device, output_type=types.RGB, random_area=list(spec.scale),
-                random_aspect_ratio=list(spec.ratio), num_attempts=10)
+            anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
+            mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+            images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="WH", **decode)
             images = fn.resize(images, size=[S, S], interp_type=interp, antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5)
         else:
             start, end = _center_crop_roi(encoded, spec)
-            images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+            images = fn.decoders.image(encoded, **decode)
             images = fn.resize(images, size=[S, S], roi_start=start, roi_end=end, roi_relative=False,
                                interp_type=interp, antialias=True)
         if spec.output == "float":
@@ -119,6 +141,68 @@ def _dali_error_summary(exc: Exception) -> str:
     return " ".join(lines) or type(exc).__name__
 
 
+@dataclass
+class _ReadBatch:
+    """A planned batch read from disk and checked: what the pipeline is fed."""
+
+    batch: PlannedBatch
+    indices: np.ndarray  # int64 files, in batch order
+    arrays: list  # their bytes (uint8 arrays; kept alive while fed: external_source(no_copy=True))
+    windows: np.ndarray | None = None  # training: int32[N, 4] (top, left, height, width)
+    flips: np.ndarray | None = None  # training: bool[N]
+    failures: list = field(default_factory=list)  # (index, reason)
+
+
+class _Reader:
+    """Runs ``assemble`` over the planned batches on a background thread, `ahead` batches ahead, in order."""
+
+    _END = object()
+
+    def __init__(self, assemble, batches: list[PlannedBatch], ahead: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._work, args=(assemble, batches), name="gfnet-dali-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self, assemble, batches):
+        try:
+            for batch in batches:
+                if not self._put(assemble(batch)):
+                    return
+        except BaseException as exc:  # handed to the training thread, which raises it
+            self._put(exc)
+            return
+        self._put(self._END)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> _ReadBatch | None:
+        """The next read batch, or None after the last."""
+        if self._ended:
+            return None
+        item = self._queue.get()
+        if item is self._END:
+            self._ended = True
+            return None
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class DaliLoader(ImageLoader):
     """:class:`gfnet.data.loader.ImageLoader` over a DALI pipeline (see the module docstring)."""
 
@@ -127,25 +211,41 @@ class DaliLoader(ImageLoader):
     def _device_id(self):
         return None if self.device.type == "cpu" else self.device.index
 
-    def _pipeline_seed(self) -> int:
-        return int(np.random.default_rng([self.seed, self.epoch, self.shard_id, 1]).integers(2**31 - 1))
+    def _new_pipeline(self):
+        return build_pipeline(self.spec, self.batch_size, max(1, self.num_threads), self._device_id())
 
-    def _read(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[tuple[str, str]]]:
-        """The bytes of a batch's files: (indices read, their arrays, (path, reason) of unreadable ones)."""
-        kept, arrays, failures = [], [], []
-        for i in batch.tolist():
-            path = self.index.files[i]
-            try:
-                data = np.fromfile(path, dtype=np.uint8)
-            except OSError as exc:  # moved or unreadable since the split was indexed
-                failures.append((path, f"cannot read: {exc.strerror or exc}"))
-                continue
-            if data.size == 0:
-                failures.append((path, "empty file (emptied since the split was indexed)"))
-                continue
-            kept.append(i)
-            arrays.append(data)
-        return np.array(kept, dtype=np.int64), arrays, failures
+    def _load(self, i: int):
+        """One file's bytes and size, or why it is skipped (read by the reader thread)."""
+        path = self.index.files[i]
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:  # moved or unreadable since the split was indexed
+            return None, f"cannot read: {exc.strerror or exc}"
+        if not data:
+            return None, "empty file (emptied since the split was indexed)"
+        check = inspect_encoded(data)
+        if check.reason is not None:
+            return None, check.reason
+        return (np.frombuffer(data, dtype=np.uint8), check.width, check.height), None
+
+    def _assemble(self, batch: PlannedBatch, plan: ShardPlan, bad: set) -> _ReadBatch:
+        loaded, failures = fill_batch(batch, lambda: plan.spares(batch.epoch, batch.position), self._load, bad)
+        bad.update(i for i, _ in failures)  # later batches of the epoch skip them without reading
+        read = _ReadBatch(batch, np.array([i for i, _ in loaded], dtype=np.int64), [x[0] for _, x in loaded],
+                          failures=failures)
+        if self.spec.train and loaded:
+            read.windows, read.flips = batch_augmentation(batch.seed, [(w, h) for _, (_, w, h) in loaded],
+                                                          self.spec.scale, self.spec.ratio)
+        return read
+
+    def _feed(self, pipe, read: _ReadBatch) -> None:
+        pipe.feed_input("encoded", read.arrays)
+        if self.spec.train:
+            pipe.feed_input("anchor", np.ascontiguousarray(read.windows[:, [1, 0]]))
+            pipe.feed_input("shape", np.ascontiguousarray(read.windows[:, [3, 2]]))
+            pipe.feed_input("mirror", read.flips.astype(np.int32))
+        pipe.schedule_run()
 
     def _to_torch(self, out) -> torch.Tensor:
         spec = self.spec
@@ -161,102 +261,91 @@ class DaliLoader(ImageLoader):
             images = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: torch.channels_last
         return images
 
+    def _failures(self, pairs) -> list[tuple[str, str]]:
+        return [(self.index.files[i], reason) for i, reason in pairs]
+
     def _iterate(self, batches):
-        pending = list(batches)
-        retried = set()
-        while pending:
-            failed = yield from self._run(pending)
-            if failed is None:
-                return
-            # The pipeline died on batch `position`: find its bad files, then go on from the rest of it.
-            position, kept = failed
-            pending = pending[position + 1:]
-            bad = self._find_undecodable(kept)
-            if not bad:
-                key = tuple(kept.tolist())
-                if key not in retried:  # no file fails alone: run the batch once more
-                    retried.add(key)
-                    pending.insert(0, kept)
-                    continue
-                bad = {i: "DALI failed twice on the batch holding it, though on no file alone" for i in key}
-            good = np.array([i for i in kept.tolist() if i not in bad], dtype=np.int64)
-            if len(good):
-                pending.insert(0, good)
-            yield _EMPTY_IMAGES, _EMPTY_LABELS, [(self.index.files[i], reason) for i, reason in bad.items()]
-
-    def _run(self, batches):
-        """Yield the batches through one pipeline.
-
-        Returns None when all went through, else (position of the batch the pipeline failed on,
-        the indices it was fed); the pipeline is then dead.
-        """
-        inflight = collections.deque()  # (position, indices fed, arrays): no_copy=True needs them alive
-        pos = 0
-
-        def read_next():
-            # The next batch with at least one readable file, and the failures met on the way.
-            nonlocal pos
-            failures = []
-            while pos < len(batches):
-                kept, arrays, bad = self._read(batches[pos])
-                failures += bad
-                pos += 1
-                if len(kept):
-                    return (pos - 1, kept, arrays), failures
-            return None, failures
-
-        while len(inflight) < _PREFETCH:
-            item, failures = read_next()
-            if failures:
-                yield _EMPTY_IMAGES, _EMPTY_LABELS, failures
-            if item is None:
-                break
-            inflight.append(item)
-        if not inflight:
-            return None
-        # DALI's first schedule_run runs `prefetch` iterations, so the pipeline is made for what was read.
-        pipe = build_pipeline(self.spec, self.batch_size, max(1, self.num_threads), self._device_id(),
-                              self._pipeline_seed(), prefetch=len(inflight))
+        if not batches:
+            return
+        plan = self.shard_plan()
+        bad = set(batches[0].bad)  # known bad this epoch: grows as files fail
+        reader = _Reader(lambda b: self._assemble(b, plan, bad), batches, _READ_AHEAD)
+        # The kept pipeline is lent to one iteration at a time (another one, still open, gets its own).
+        pipe, self._pipe = getattr(self, "_pipe", None), None
         try:
-            for _, _, arrays in inflight:
-                pipe.feed_input("encoded", arrays)
-            pipe.schedule_run()
-        except RuntimeError:
-            return inflight[0][:2]
-        while inflight:
-            position, kept, _ = inflight[0]
+            yield from self._run(reader, plan, bad, pipe)
+        finally:
+            reader.close()
+
+    def _run(self, reader: _Reader, plan: ShardPlan, bad: set, pipe):
+        """Feed the reader's batches through `pipe` (built when None), yield their outputs, and
+        give the pipeline back to the loader when the epoch ran to its end: it is kept across
+        epochs, as nothing in it depends on the epoch."""
+        scheduled: collections.deque[_ReadBatch] = collections.deque()  # fed, oldest first
+        waiting: collections.deque[_ReadBatch] = collections.deque()  # to feed again after a failure
+        retried: set = set()
+        while True:
+            while len(scheduled) <= _PREFETCH:  # the batch to return now, and _PREFETCH behind it
+                read = waiting.popleft() if waiting else reader.get()
+                if read is None:
+                    break
+                if not len(read.indices):  # evaluation: every file of the batch failed
+                    yield _EMPTY_IMAGES, _EMPTY_LABELS, self._failures(read.failures)
+                    continue
+                scheduled.append(read)
+                try:
+                    if pipe is None:
+                        pipe = self._new_pipeline()
+                    self._feed(pipe, read)
+                except RuntimeError:
+                    break  # the pipeline is dead: its error is met below, at the oldest batch
+            if not scheduled:
+                # Run to the end with nothing left in flight: kept for the next epoch. (Left mid-epoch,
+                # it is dropped: the outputs still queued in it would feed the next epoch.)
+                self._pipe = pipe
+                return
+            read = scheduled[0]
             try:
                 (out,) = pipe.outputs()
                 images = self._to_torch(out)
             except RuntimeError:  # DALI's "Critical error in pipeline": the pipeline is dead
-                return position, kept
-            inflight.popleft()
-            item, failures = read_next()
-            if item is not None:
-                try:
-                    pipe.feed_input("encoded", item[2])
-                    pipe.schedule_run()
-                except RuntimeError:
-                    yield images, self._labels(kept).to(self.device), failures
-                    return (inflight[0] if inflight else item)[:2]
-                inflight.append(item)
-            yield images, self._labels(kept).to(self.device), failures
-        return None
-
-    def _find_undecodable(self, batch) -> dict[int, str]:
-        """Run each file of a failed batch alone through the same pipeline; the failing ones, with the reason."""
-        bad = {}
-        for i in batch.tolist():
-            kept, arrays, failures = self._read(np.array([i]))
-            if failures:
-                bad[i] = failures[0][1]
+                pipe = None
+                found = self._find_undecodable(read, retried)
+                bad.update(found)
+                again = [read] + list(scheduled)[1:] + list(waiting)
+                scheduled.clear()
+                waiting.clear()
+                for r in again:  # fed again to a new pipeline; those holding a file just found bad, refilled
+                    if any(i in found for i in r.indices.tolist()):
+                        fixed = self._assemble(r.batch, plan, bad)
+                        fixed.failures = (r.failures + [(i, found[i]) for i in r.indices.tolist() if i in found]
+                                          + fixed.failures)
+                        r = fixed
+                    waiting.append(r)
                 continue
-            pipe = build_pipeline(self.spec, 1, 1, self._device_id(), self._pipeline_seed(), prefetch=1)
+            scheduled.popleft()
+            yield images, self._labels(read.indices).to(self.device), self._failures(read.failures)
+
+    def _find_undecodable(self, read: _ReadBatch, retried: set) -> dict[int, str]:
+        """The files of a batch that DALI fails on alone, with the reason; each run through a pipeline of one."""
+        bad = {}
+        probe = None
+        for k, i in enumerate(read.indices.tolist()):
+            one = _ReadBatch(read.batch, read.indices[k:k + 1], read.arrays[k:k + 1])
+            if self.spec.train:
+                one.windows, one.flips = read.windows[k:k + 1], read.flips[k:k + 1]
             try:
-                pipe.feed_input("encoded", arrays)
-                pipe.schedule_run()
-                pipe.outputs()
+                if probe is None:
+                    probe = build_pipeline(self.spec, 1, 1, self._device_id())
+                self._feed(probe, one)
+                probe.outputs()
             except RuntimeError as exc:
                 bad[i] = "DALI cannot decode it: " + _dali_error_summary(exc)
-            del pipe
+                probe = None
+        if not bad:
+            key = tuple(read.indices.tolist())
+            if key not in retried:  # no file fails alone: run the batch once more
+                retried.add(key)
+                return {}
+            bad = {i: "DALI failed twice on the batch holding it, though on no file alone" for i in key}
         return bad

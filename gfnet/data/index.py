@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,7 +28,8 @@ from gfnet.data.validate import check_image_file
 
 log = logging.getLogger(__name__)
 
-#: File name endings read as images (those of torchvision's ImageFolder), compared case-insensitively.
+#: File name endings read as images (those of torchvision's ImageFolder), compared case-insensitively:
+#: gfnet's one list of image extensions (import it from gfnet.data).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _CACHE_VERSION = 1
@@ -160,24 +162,61 @@ def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = Non
 
 
 def _read_cache(cpath: str, split_dir: str) -> dict:
+    """The cached classes of `split_dir`, or {} when there is no usable cache.
+
+    A cache that exists but cannot be used (unreadable, truncated or garbage JSON, another format
+    version, entries of the wrong shape) is reported with one warning and then rebuilt by the
+    caller: a bad cache must never keep the loader from working.
+    """
     try:
-        with open(cpath) as fh:
+        with open(cpath, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    if data.get("version") != _CACHE_VERSION or data.get("split_dir") != os.path.realpath(split_dir):
-        return {}
-    return data.get("classes", {})
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        return _bad_cache(cpath, f"unreadable: {exc}")
+    if not isinstance(data, dict):
+        return _bad_cache(cpath, f"it holds a JSON {type(data).__name__}, not an index")
+    if data.get("version") != _CACHE_VERSION:
+        return _bad_cache(cpath, f"format version {data.get('version')!r}; this gfnet writes {_CACHE_VERSION}")
+    if data.get("split_dir") != os.path.realpath(split_dir):
+        return _bad_cache(cpath, f"it indexes {data.get('split_dir')!r}, not {os.path.realpath(split_dir)!r}")
+    classes = data.get("classes")
+    if not isinstance(classes, dict) or not all(_valid_class_entry(v) for v in classes.values()):
+        return _bad_cache(cpath, "its class entries are malformed")
+    return classes
+
+
+def _valid_class_entry(entry) -> bool:
+    # {"mtime_ns": int, "entries": [[name, size, reason or None], ...]}
+    if not isinstance(entry, dict) or type(entry.get("mtime_ns")) is not int:
+        return False
+    files = entry.get("entries")
+    return isinstance(files, list) and all(
+        isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and type(f[1]) is int
+        and (f[2] is None or isinstance(f[2], str)) for f in files)
+
+
+def _bad_cache(cpath: str, why: str) -> dict:
+    log.warning("data index cache %s cannot be used (%s); indexing the split again and rewriting the cache",
+                cpath, why)
+    return {}
 
 
 def _write_cache(cpath: str, split_dir: str, classes: dict) -> None:
     data = {"version": _CACHE_VERSION, "split_dir": os.path.realpath(split_dir), "classes": classes}
-    tmp = f"{cpath}.{os.getpid()}.tmp"
+    tmp = f"{cpath}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         os.makedirs(os.path.dirname(cpath), exist_ok=True)
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, separators=(",", ":"))
-        os.replace(tmp, cpath)  # atomic: concurrent ranks never read a half-written index
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, cpath)  # atomic: concurrent ranks, or a kill, never leave a half-written index
     except OSError as exc:
         log.info("could not write the data index cache %s (%s); the split is indexed again next run",
                  cpath, exc)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass

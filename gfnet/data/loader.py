@@ -3,8 +3,8 @@
 The transforms are those of the reference code (GFNet-Pytorch), per backbone config:
 
 - train: random-resized crop (area 8-100 %, aspect 3:4-4:3, 10 attempts) to S x S, horizontal flip
-  with p=0.5 (the same parameters in both backends; each samples the window with its own generator:
-  torchvision's RandomResizedCrop, DALI's decoders.image_random_crop);
+  with p=0.5 (torchvision's algorithm; the windows and flips are drawn on the host per batch, see
+  :mod:`gfnet.data.augment`, so both backends cut the same windows and a resumed run repeats them);
 - val: resize the shorter side to ``int(S / crop_pct)`` (the longer side to
   ``int(that * long / short)``, as torchvision's Resize), then the centre S x S crop (offsets
   ``round((size - S) / 2)``, as torchvision's CenterCrop).
@@ -22,18 +22,28 @@ from dataclasses import dataclass, field
 import torch
 
 from gfnet.data.index import SplitIndex, index_split
-from gfnet.data.sharding import shard_batches
+from gfnet.config import IMAGENET_MEAN, IMAGENET_STD
+from gfnet.data.sharding import PlannedBatch, ShardPlan
 
 log = logging.getLogger("gfnet.data")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 OUTPUTS = ("float", "uint8")
 BACKENDS = ("dali", "torchvision")
 
 #: How many skipped paths one warning lists before it points at ``loader.stats.skipped``.
 _MAX_PATHS_LOGGED = 50
+
+
+def default_num_threads() -> int:
+    """DALI threads or DataLoader workers per process: the CPUs this process may use, shared by the
+    processes of this machine (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    return max(1, cpus // max(1, local))
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,8 @@ class LoaderStats:
         valid: files that passed validation, over the whole split (all shards).
         skipped: (path, reason) of every file skipped: broken ones found when indexing the split,
             plus any that this shard's decoder failed on while reading (also dropped from later epochs).
-        seen: images this loader has yielded since it was made.
+        seen: images this loader has yielded since it was made (a training batch's replacements for
+            files that failed to decode included).
         seen_this_epoch: images yielded in the current (or last finished) epoch.
         batches: batches yielded since the loader was made.
     """
@@ -80,8 +91,11 @@ class LoaderStats:
 class ImageLoader:
     """Iterable of ``(images, labels)`` batches over one shard of one split; see :func:`make_loader`.
 
-    Backends subclass it and implement ``_iterate(batches)``, yielding ``(images, labels, failures)``
-    per planned batch, failures being (path, reason) of files that could not be decoded.
+    Backends subclass it and implement ``_iterate(batches)``: given the epoch's
+    :class:`gfnet.data.sharding.PlannedBatch` list, yield ``(images, labels, failures)`` per batch
+    in order, failures being (path, reason) of files that could not be decoded; a training batch is
+    refilled from the plan's spares (:func:`gfnet.data.sharding.fill_batch`), so every shard yields
+    ``len(loader)`` full batches whatever fails to decode.
     """
 
     backend = ""
@@ -109,7 +123,7 @@ class ImageLoader:
     @property
     def num_samples(self) -> int:
         """Images this shard yields per epoch (before any file fails to decode at run time)."""
-        return sum(len(b) for b in self._plan())
+        return sum(b.size for b in self._plan())
 
     def __len__(self) -> int:
         """Batches this shard yields per epoch."""
@@ -119,21 +133,29 @@ class ImageLoader:
         """Reshuffle for `epoch` (training); call before iterating, as with DistributedSampler."""
         self.epoch = int(epoch)
 
-    def _plan(self):
-        return shard_batches(len(self.index.files), self.batch_size, self.spec.train, self.shard_id,
-                             self.num_shards, self.seed, self.epoch)
+    def shard_plan(self) -> ShardPlan:
+        """The plan of this loader's shard over its current file list."""
+        return ShardPlan(len(self.index.files), self.batch_size, self.spec.train, self.shard_id, self.num_shards,
+                         self.seed)
+
+    def _plan(self) -> list[PlannedBatch]:
+        bad = frozenset()
+        if self._bad:  # files that failed to decode in an earlier epoch: left out (training: replaced)
+            bad = frozenset(i for i, path in enumerate(self.index.files) if path in self._bad)
+        return self.shard_plan().batches(self.epoch, bad)
 
     def __iter__(self):
         batches = self._plan()
-        if self._bad:
-            files = self.index.files
-            batches = [b[[files[i] not in self._bad for i in b.tolist()]] for b in batches]
-            batches = [b for b in batches if len(b)]
         self.stats.seen_this_epoch = 0
         for images, labels, failures in self._iterate(batches):
             for path, reason in failures:
                 self._record_failure(path, reason)
             if len(labels) == 0:
+                if self.spec.train:  # yielding fewer batches would leave the other DDP ranks waiting
+                    raise RuntimeError(
+                        f"{self.index.split_dir}: shard {self.shard_id}/{self.num_shards} has no decodable image "
+                        f"left to fill a training batch ({len(self.stats.skipped)} files skipped, see "
+                        f"loader.stats.skipped); fix or remove the broken files")
                 continue
             self.stats.seen += len(labels)
             self.stats.seen_this_epoch += len(labels)
@@ -141,6 +163,8 @@ class ImageLoader:
             yield images, labels
 
     def _record_failure(self, path: str, reason: str) -> None:
+        if path in self._bad:  # met again before the epoch ended (e.g. as another batch's spare)
+            return
         log.warning("skipping %s: %s", path, reason)
         self.stats.skipped.append((path, reason))
         self._bad.add(path)
@@ -210,9 +234,14 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
 
     Broken files (empty, truncated, not an image) are found when the split is indexed (cached, see
     :mod:`gfnet.data.index`), reported once by path with a logging warning and skipped; grayscale,
-    CMYK and PNG-content files are decoded as RGB. A file that still fails to decode while reading is
-    reported, skipped and left out of later epochs; the epoch goes on. ``loader.stats`` counts the
-    images seen and the files skipped.
+    CMYK and PNG-content files are decoded as RGB, EXIF orientation is not applied (as in the
+    reference's PIL pipeline). Files on which the two backends' decoders would disagree (a JPEG with
+    a fatal marker inside its image data, an image over PIL's decompression-bomb limit, a 16-bit
+    grayscale image) are skipped by both with the same reason when read
+    (:func:`gfnet.data.validate.inspect_encoded`). A file that fails to decode while reading is
+    reported once, skipped and left out of later epochs; the epoch goes on, and a training batch
+    takes a replacement image instead (every shard yields ``len(loader)`` full batches, as DDP needs).
+    ``loader.stats`` counts the images seen and the files skipped.
 
     Args:
         root: dataset root holding the split folders.
@@ -224,7 +253,9 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
         backend: "dali" (NVIDIA DALI; on a GPU the nvJPEG "mixed" decoder and GPU resizing, on the CPU
             its CPU operators) or "torchvision" (PIL transforms in DataLoader worker processes).
         device: None or "cpu" for CPU tensors; "cuda", "cuda:<k>" or k for GPU k.
-        num_threads: DALI threads, or DataLoader workers (default: the CPUs this process may use).
+        num_threads: DALI threads, or DataLoader worker processes (default :func:`default_num_threads`:
+            the CPUs this process may use divided by ``LOCAL_WORLD_SIZE``, the processes torchrun
+            started on this machine).
         shard_id, num_shards: this process's shard (e.g. rank and world size).
         seed: seed of the shuffle and the augmentations (with the epoch, see ``set_epoch``).
         output: "float" or "uint8" (see above).
@@ -254,7 +285,7 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     dev = _resolve_device(device)
     if num_threads is None:
-        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_threads = default_num_threads()
     index = index_split(root, split or ("train" if train else "val"), cache_dir=cache_dir)
     _report_skipped(index, shard_id)
     spec = TransformSpec(train=train, image_size=image_size, resize_size=int(image_size / crop_pct),

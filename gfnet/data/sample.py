@@ -10,10 +10,15 @@ Optionally the tree gets the bad files that the real ImageNet holds, so tests ca
 loaders treat them: a grayscale JPEG, a CMYK JPEG and a PNG named ``.JPEG`` (all valid: decoded as
 RGB), an empty file, a truncated JPEG and a text file named ``.JPEG`` (all invalid: skipped), and an
 empty class folder.
+
+The root must be new, empty, or hold exactly an earlier sample (named by its manifest
+``.gfnet-sample.json``; that sample is then replaced): class folders written beside a user's own
+would shift every label silently.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -52,6 +57,63 @@ class SampleTree:
 
     def invalid_files(self, split: str) -> list[SampleFile]:
         return [f for f in self.files[split] if not f.valid]
+
+
+#: The file that lists what make_sample_tree wrote, relative to the root.
+MANIFEST = ".gfnet-sample.json"
+
+
+def _earlier_sample(root: str) -> dict | None:
+    """What an earlier sample in `root` wrote ({"files": [...], "dirs": [...]}), None if `root` is new or empty.
+
+    `root` may hold an earlier sample, or part of one, and nothing else.
+
+    Raises:
+        FileExistsError: `root` is a file, or holds anything but exactly an earlier sample.
+    """
+    if not os.path.lexists(root):
+        return None
+    if not os.path.isdir(root):
+        raise FileExistsError(f"{root!r} exists and is not a folder; pass a new or empty folder for the sample")
+    if not os.listdir(root):
+        return None
+    refuse = FileExistsError(
+        f"{root!r} is not empty: a sample written into it would mix its class folders with what is there "
+        f"(and shift the labels); pass a new or empty folder")
+    try:
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        listed_files, listed_dirs = set(manifest["files"]), set(manifest["dirs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise refuse from None
+    files, dirs = set(), set()
+    for top, subdirs, names in os.walk(root):
+        rel = os.path.relpath(top, root)
+        dirs.update(os.path.normpath(os.path.join(rel, d)) for d in subdirs)
+        files.update(os.path.normpath(os.path.join(rel, n)) for n in names)
+    if not files - {MANIFEST} <= listed_files or not dirs <= listed_dirs:  # something not ours is there
+        raise refuse
+    return manifest
+
+
+def _remove_sample(root: str, manifest: dict) -> None:
+    for rel in manifest["files"]:
+        if os.path.lexists(os.path.join(root, rel)):  # the user may have deleted some
+            os.remove(os.path.join(root, rel))
+    for rel in sorted(manifest["dirs"], key=lambda d: d.count(os.sep), reverse=True):  # deepest first
+        if os.path.isdir(os.path.join(root, rel)):
+            os.rmdir(os.path.join(root, rel))
+    os.remove(os.path.join(root, MANIFEST))
+
+
+def _write_manifest(root: str, tree: "SampleTree") -> None:
+    files = sorted(os.path.normpath(f.relpath) for split in tree.files.values() for f in split)
+    dirs = {os.path.dirname(f) for f in files} | {os.path.join(split, c) for split in tree.files for c in tree.classes}
+    dirs |= {os.path.dirname(d) for d in dirs}
+    tmp = os.path.join(root, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"files": files, "dirs": sorted(d for d in dirs if d)}, fh, indent=0)
+    os.replace(tmp, os.path.join(root, MANIFEST))
 
 
 def _class_names(num_classes: int) -> list[str]:
@@ -114,7 +176,8 @@ def make_sample_tree(
     """Write ``root/train/<class>/*.JPEG`` and ``root/val/<class>/*.JPEG``.
 
     Args:
-        root: folder to write into (created; existing sample files are overwritten).
+        root: folder to write into: new, empty, or holding exactly an earlier sample (which is
+            replaced).
         num_classes: number of class folders with images (at most 10 for ``source="digits"``).
         train_per_class, val_per_class: images per class folder in each split.
         photo_size: (width, height) of a landscape image before a +-15 % jitter; a quarter of the
@@ -129,6 +192,10 @@ def make_sample_tree(
 
     Returns:
         A :class:`SampleTree` listing every file written, its class and kind.
+
+    Raises:
+        FileExistsError: `root` holds anything else (the message says to pass a new or empty folder).
+        ValueError: an argument is out of range.
     """
     if source not in ("photos", "digits"):
         raise ValueError(f"source must be 'photos' or 'digits', got {source!r}")
@@ -137,6 +204,9 @@ def make_sample_tree(
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     root = os.fspath(root)
+    earlier = _earlier_sample(root)
+    if earlier is not None:
+        _remove_sample(root, earlier)
     rng = np.random.default_rng(seed)
     classes = _class_names(num_classes)
     empty_classes = []
@@ -176,6 +246,7 @@ def make_sample_tree(
             files += _write_bad_files(root, split, classes[-1], rng, sources if source == "photos" else None,
                                       photo_size, quality)
         tree.files[split] = files
+    _write_manifest(root, tree)
     return tree
 
 

@@ -2,87 +2,112 @@
 
 The reference code's own pipeline (PIL decode, torchvision transforms, a DataLoader), fed the same
 planned batches as the DALI backend (:mod:`gfnet.data.sharding`), so the two read the same files in
-the same batches. A file that fails to decode in a worker comes back as a failure record instead of
-an exception, so an epoch never stops on one bad image.
-
-Training augmentations draw from a generator seeded per sample from (seed, epoch, file index), not from
-the workers' own streams: the pixels of an epoch do not depend on which worker read a file, on how many
-workers there are, nor on whether the run was interrupted and resumed (the workers' streams restart
-then), so a resumed run sees exactly the images of an uninterrupted one.
+the same batches. Each planned batch is made whole by one worker: it reads and checks the files
+(:func:`gfnet.data.validate.inspect_encoded`, as the DALI backend does), decodes them, replaces those
+that fail in a training batch, and returns the failures as records instead of raising, so an epoch
+never stops on one bad image. The training crops and flips come from the batch's own seed
+(:mod:`gfnet.data.augment`), not from the worker's global generator, so a batch is the same
+whichever worker makes it and whatever ran before: a run resumed in new worker processes reads
+what an uninterrupted one reads.
 """
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
+from gfnet.data.augment import batch_augmentation
 from gfnet.data.loader import ImageLoader, TransformSpec
-from gfnet.data.validate import describe_decode_error
+from gfnet.data.sharding import PlannedBatch, ShardPlan, fill_batch
+from gfnet.data.validate import describe_decode_error, inspect_encoded
 
 _INTERP = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
            "bicubic": T.InterpolationMode.BICUBIC, "lanczos": T.InterpolationMode.LANCZOS}
 
 
 def build_transform(spec: TransformSpec):
-    """PIL image -> ``Tensor[3, S, S]`` float32 normalised, or ``Tensor[S, S, 3]`` uint8 (HWC)."""
+    """``f(img, window, flip)``: PIL image -> ``Tensor[3, S, S]`` float32 normalised, or ``Tensor[S, S, 3]``
+    uint8 (HWC). Training crops ``window`` = (top, left, height, width) and resizes it to S x S, as
+    torchvision's RandomResizedCrop does with the window it draws, then mirrors if ``flip``;
+    evaluation resizes and centre-crops (window and flip ignored)."""
     interp = _INTERP[spec.interpolation]
-    if spec.train:
-        geometry = [T.RandomResizedCrop(spec.image_size, scale=spec.scale, ratio=spec.ratio, interpolation=interp),
-                    T.RandomHorizontalFlip()]
-    else:
-        geometry = [T.Resize(spec.resize_size, interpolation=interp), T.CenterCrop(spec.image_size)]
+    S = spec.image_size
     if spec.output == "float":
-        return T.Compose(geometry + [T.ToTensor(), T.Normalize(spec.mean, spec.std)])
-    return T.Compose(geometry + [_hwc_uint8])
+        finish = T.Compose([T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+    else:
+        finish = _hwc_uint8
+    if not spec.train:
+        geometry = T.Compose([T.Resize(spec.resize_size, interpolation=interp), T.CenterCrop(S)])
+        return lambda img, window=None, flip=False: finish(geometry(img))
+
+    def train(img, window, flip):
+        top, left, height, width = (int(v) for v in window)
+        img = F.resized_crop(img, top, left, height, width, [S, S], interpolation=interp, antialias=True)
+        return finish(F.hflip(img) if flip else img)
+
+    return train
 
 
 def _hwc_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
 
 
-class _Files(Dataset):
-    def __init__(self, files: list[str], labels: list[int], transform):
-        self.files, self.labels, self.transform = files, labels, transform
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, item):
-        # item: a file index, or (file index, augmentation seed) from _PlannedBatches in training
-        i, seed = item if isinstance(item, tuple) else (item, None)
-        path = self.files[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")  # grayscale, CMYK, palette/alpha PNG -> RGB
-            if seed is None:
-                return self.transform(img), self.labels[i], None
-            # torchvision's random transforms draw from torch's global generator: seed it for this sample
-            # only (fork_rng restores it afterwards: with num_workers=0 this is the training process's).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.transform(img), self.labels[i], None
-        except Exception as exc:  # a decoder error of any type must not stop the epoch
-            return None, self.labels[i], (path, f"PIL cannot decode it: {describe_decode_error(exc, path)}")
+def _load(path: str):
+    """(RGB PIL image, None), or (None, why the file is skipped)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    if not data:
+        return None, "empty file (emptied since the split was indexed)"
+    check = inspect_encoded(data)
+    if check.reason is not None:
+        return None, check.reason
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB"), None  # grayscale, CMYK, palette/alpha PNG -> RGB; no EXIF rotation
+    except Exception as exc:  # a decoder error of any type must not stop the epoch
+        return None, f"PIL cannot decode it: {describe_decode_error(exc, path)}"
 
 
-def _collate(samples):
-    ok = [s for s in samples if s[0] is not None]
-    failures = [s[2] for s in samples if s[0] is None]
-    if not ok:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64), failures
-    images = torch.stack([s[0] for s in ok])
-    labels = torch.as_tensor([s[1] for s in ok], dtype=torch.int64)
-    return images, labels, failures
+class _Batches(Dataset):
+    """Makes one planned batch per item: ``(images, labels, failures)``, failures (path, reason)."""
+
+    def __init__(self, files: list[str], labels: list[int], spec: TransformSpec, plan: ShardPlan):
+        self.files, self.labels, self.spec, self.plan = files, labels, spec, plan
+        self.transform = build_transform(spec)
+
+    def __getitem__(self, batch: PlannedBatch):
+        loaded, failures = fill_batch(batch, lambda: self.plan.spares(batch.epoch, batch.position),
+                                      lambda i: _load(self.files[i]))
+        failures = [(self.files[i], reason) for i, reason in failures]
+        if not loaded:
+            return torch.empty(0), torch.empty(0, dtype=torch.int64), failures
+        if self.spec.train:
+            windows, flips = batch_augmentation(batch.seed, [img.size for _, img in loaded], self.spec.scale,
+                                                self.spec.ratio)
+        else:
+            windows, flips = [None] * len(loaded), [False] * len(loaded)
+        images = torch.stack([self.transform(img, w, f) for (_, img), w, f in zip(loaded, windows, flips)])
+        labels = torch.as_tensor([self.labels[i] for i, _ in loaded], dtype=torch.int64)
+        return images, labels, failures
+
+
+def _as_is(item):
+    return item
 
 
 class _PlannedBatches:
-    """The DataLoader's batch sampler: the current epoch's planned batches, set before each epoch (lists of
-    file indices, or of (file index, augmentation seed) pairs in training)."""
+    """The DataLoader's sampler: the current epoch's planned batches, set before each epoch."""
 
     def __init__(self):
-        self.batches: list[list] = []
+        self.batches: list[PlannedBatch] = []
 
     def __iter__(self):
         return iter(self.batches)
@@ -104,29 +129,23 @@ class TorchvisionLoader(ImageLoader):
         # Made again if `index` was replaced (e.g. restricted to a subset of its files) since the last epoch.
         if getattr(self, "_loader", None) is None or self._loader.dataset.files is not self.index.files:
             self._sampler = _PlannedBatches()
-            dataset = _Files(self.index.files, self.index.labels, build_transform(self.spec))
+            dataset = _Batches(self.index.files, self.index.labels, self.spec, self.shard_plan())
+            workers = self.num_threads
+            # The loader's own generator: making its iterator draws a seed, which must not come from torch's
+            # global stream (a resumed run makes its iterator at another epoch than an uninterrupted one, and
+            # the training's random draws would part ways); the batches themselves need no worker randomness.
             gen = torch.Generator().manual_seed(
                 int(np.random.default_rng([self.seed, self.shard_id, 2]).integers(2**62)))
-            workers = self.num_threads
-            self._loader = DataLoader(dataset, batch_sampler=self._sampler, num_workers=workers,
-                                      collate_fn=_collate, generator=gen, pin_memory=self.device.type == "cuda",
+            self._loader = DataLoader(dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
+                                      collate_fn=_as_is, generator=gen, pin_memory=self.device.type == "cuda",
                                       persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         return self._loader
-
-    def _augmentation_seeds(self) -> np.ndarray:
-        """int64[len(files)]: the augmentation seed of every file in the current epoch (a function of the
-        loader's seed, the epoch and the file's index only)."""
-        return np.random.default_rng([self.seed, self.epoch, 4]).integers(0, 2**63 - 1, size=len(self.index.files))
 
     def _iterate(self, batches):
         if not batches:
             return
         loader = self._dataloader()
-        if self.spec.train:
-            seeds = self._augmentation_seeds()
-            self._sampler.batches = [[(i, int(seeds[i])) for i in b.tolist()] for b in batches]
-        else:
-            self._sampler.batches = [b.tolist() for b in batches]
+        self._sampler.batches = batches
         for images, labels, failures in loader:
             if len(labels) and self.spec.output == "uint8":
                 images = images.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: torch.channels_last
