@@ -5,6 +5,9 @@ Single process:   gfnet-train --data ROOT --arch resnet50 --patch-size 96 --T 5 
 Several GPUs:     torchrun --nproc-per-node 8 -m gfnet.cli.train ...same arguments...
 Continue a stage: gfnet-train ... --stage 2 --checkpoint runs/s1/model_best.pth.tar --out runs/s2
 Resume a run:     gfnet-train ...same arguments... --resume runs/s2/checkpoint.pth.tar
+                  (or --resume auto: --out's checkpoint.pth.tar if there is one, else a fresh start)
+Elastic:          torchrun --nproc-per-node 8 --max-restarts 3 -m gfnet.cli.train ... --resume auto
+                  (a lost worker restarts the job from the last finished epoch)
 
 --checkpoint and --resume read any GFNet checkpoint: gfnet's, the reference's released files and the
 reference train.py's own (which name no backbone, patch size or T: give --arch, --patch-size, --T).
@@ -37,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a GFNet checkpoint's model_state_dict)")
     p.add_argument("--checkpoint", help="stages 2/3: the previous stage's GFNet checkpoint (gfnet's or the "
                    "reference's, release or train.py layout)")
-    p.add_argument("--resume", help="continue an interrupted run from its checkpoint.pth.tar (written by "
-                   "gfnet-train or the reference's train.py)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue an interrupted run from its checkpoint.pth.tar "
+                   "(written by gfnet-train or the reference's train.py); 'auto': from --out's checkpoint.pth.tar "
+                   "if there is one, else start fresh (what torchrun --max-restarts needs)")
     p.add_argument("--save-layout", choices=("release", "reference-train"), default="release",
                    help="checkpoint layout: release (module.-prefixed; the reference's inference.py and "
                         "gfnet-eval) or reference-train (what the reference's train.py continues from)")
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from gfnet.train import TrainOptions, train_imagefolder
+    from gfnet.train.trainer import auto_resume_path
+
+    resume = auto_resume_path(args.out) if args.resume == "auto" else args.resume  # --resume auto
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -94,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         history = train_imagefolder(
             args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
             init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
-            resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
+            resume=resume, backend=args.backend, workers=args.workers, device=args.device,
             validate=not args.no_val, uint8=not args.float_input)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"gfnet-train: error: {e}", file=sys.stderr)

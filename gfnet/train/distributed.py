@@ -1,8 +1,11 @@
-"""torch.distributed set-up for training: one process per device, launched by torchrun (or alone).
+"""torch.distributed set-up for training and evaluation: one process per device, launched by torchrun
+(or alone).
 
-``torchrun --nproc-per-node K -m gfnet.cli.train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK and
-MASTER_ADDR/PORT; :func:`init_distributed` reads them and opens the process group (NCCL for CUDA
-devices, gloo for the CPU). Without them the same code runs as a single process.
+``torchrun --nproc-per-node K -m gfnet.cli.train ...`` (or ``-m gfnet.cli.eval``) sets RANK, WORLD_SIZE,
+LOCAL_RANK and MASTER_ADDR/PORT, on one node or many (``--nnodes N --node-rank R --rdzv-endpoint
+HOST:PORT``); :func:`init_distributed` reads them and opens the process group (NCCL for CUDA devices,
+gloo for the CPU): it is the one place in gfnet that does. Without them the same code runs as a single
+process. :meth:`DistributedContext.close` closes the group again.
 """
 from __future__ import annotations
 
@@ -53,6 +56,28 @@ class DistributedContext:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def gather_object(self, obj, dst: int = 0):
+        """On rank ``dst``: the list of every process's ``obj`` (rank order); None on the others; [obj] on
+        one process. Only ``dst`` holds all of them (evaluation gathers its outputs to rank 0 this way)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every process (the others' argument is ignored)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def close(self) -> None:
+        """Close the process group that :func:`init_distributed` opened (nothing on one process)."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def resolve_device(device=None, local_rank: int = 0) -> torch.device:

@@ -50,7 +50,7 @@ from gfnet.train.rollout import collect_rollout, discount_returns, normalise_ret
 from gfnet.train.weights import (adam_state_to_reference, fresh_adam_state, load_sgd_state, reset_policy,
                                   sgd_parameter_groups, sgd_state_to_reference)
 
-__all__ = ["TrainOptions", "Trainer", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
+__all__ = ["TrainOptions", "Trainer", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr", "auto_resume_path"]
 
 log = logging.getLogger("gfnet.train")
 
@@ -59,6 +59,19 @@ AMP_MODES = ("auto", "none", "bf16", "fp16")
 #: File names in the output folder (the reference's): the last epoch's and the best epoch's checkpoint.
 CHECKPOINT_NAME = "checkpoint.pth.tar"
 BEST_NAME = "model_best.pth.tar"
+
+
+def auto_resume_path(out_dir: str) -> Optional[str]:
+    """``--resume auto``: the run folder's last checkpoint (``out_dir/checkpoint.pth.tar``) if there is one,
+    else None (a fresh start).
+
+    This is what makes ``torchrun --max-restarts N`` bring a job back after a lost worker: the launcher
+    restarts every worker with the same arguments, and each finds the checkpoint of the last finished
+    epoch (written atomically, so it is whole or absent). Every rank resolves it alike (the folder is
+    shared by the ranks, as on one node or a cluster's shared file system).
+    """
+    path = os.path.join(out_dir, CHECKPOINT_NAME)
+    return path if os.path.isfile(path) else None
 
 
 @dataclass
