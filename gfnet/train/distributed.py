@@ -123,5 +123,13 @@ def init_distributed(device=None) -> DistributedContext:
     if not dist.is_initialized():
         # device_id binds the NCCL communicator to this process's GPU (not to whatever LOCAL_RANK would index)
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            # torchrun restarts a failed job (--max-restarts) against the launcher's store, which still holds
+            # the previous attempt's keys (each rank's gloo address, NCCL's unique id): a restarted rank can
+            # read them before its peer rewrites them and dial a dead process (found with gloo: connection
+            # refused, or a hang). Each attempt gets its own key space.
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+            kwargs["store"] = dist.PrefixStore(f"gfnet/attempt-{attempt}", store)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
