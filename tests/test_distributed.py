@@ -38,11 +38,16 @@ def _free_port() -> int:
 
 
 def _torchrun(port: int, nproc: int, target: list, nnodes: int = 1, max_restarts: int = 0, env: dict = None,
-              run_id: str = "gfnet-test") -> subprocess.Popen:
+              run_id: str = "gfnet-test", rendezvous: str = "c10d") -> subprocess.Popen:
     """Start one torchrun launcher (one "node") on localhost; its output goes to a temporary file (not a
-    pipe: the workers, in sessions of their own, could hold a pipe open after the launcher is gone)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+    pipe: the workers, in sessions of their own, could hold a pipe open after the launcher is gone).
+    ``rendezvous``: "c10d" (the elastic rendezvous at 127.0.0.1:port) or "static" (--master-addr/port,
+    one node)."""
+    if rendezvous == "c10d":
+        meet = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}"]
+    else:
+        meet = ["--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", *meet,
            f"--max-restarts={max_restarts}", "--monitor-interval=0.5"] + target
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     log = tempfile.TemporaryFile("w+")
@@ -206,22 +211,27 @@ def test_two_nodes_equal_one_node(train_tree, one_node_run, tmp_path):
     _assert_same_training(one_node_run, os.path.join(out, "checkpoint.pth.tar"))
 
 
-def test_elastic_restart_after_a_killed_worker_equals_uninterrupted_run(train_tree, one_node_run, tmp_path):
-    """``torchrun --max-restarts 1``: rank 1 SIGKILLs itself in the middle of epoch 2 (first attempt only);
+@pytest.mark.parametrize("rendezvous, kill_rank, kill_step", [
+    ("c10d", 1, STEPS_PER_EPOCH + 1),  # a worker, at the second step of epoch 2
+    ("static", 0, STEPS_PER_EPOCH + 2),  # rank 0, which writes the checkpoints, at the third step of epoch 2
+])
+def test_elastic_restart_after_a_killed_worker_equals_uninterrupted_run(train_tree, one_node_run, tmp_path,
+                                                                        rendezvous, kill_rank, kill_step):
+    """``torchrun --max-restarts 1``: one rank SIGKILLs itself in the middle of epoch 2 (first attempt only);
     torchrun restarts both workers, ``--resume auto`` finds epoch 1's checkpoint, epoch 2 is redone, and the
     finished run equals the uninterrupted one bit for bit."""
     out = str(tmp_path / "run")
     marker = str(tmp_path / "killed")
-    kill_step = STEPS_PER_EPOCH + 1  # the second step of epoch 2
-    env = {"GFNET_TEST_KILL_RANK": "1", "GFNET_TEST_KILL_STEP": str(kill_step), "GFNET_TEST_KILL_MARKER": marker}
+    env = {"GFNET_TEST_KILL_RANK": str(kill_rank), "GFNET_TEST_KILL_STEP": str(kill_step),
+           "GFNET_TEST_KILL_MARKER": marker}
     log = _run(_free_port(), 2, [HERE, "train", "--data", train_tree, "--out", out] + TRAIN_COMMON,
-               "elastic training", max_restarts=1, env=env)
-    with open(marker) as f:  # the fault fired: rank 1 died at that step of the first attempt
-        assert f.read().split() == ["rank", "1", "step", str(kill_step), "attempt", "0"]
-    assert "SIGKILL" in log or "Signals.SIGKILL" in log or "exitcode: -9" in log, log[-3000:]
+               "elastic training", max_restarts=1, env=env, rendezvous=rendezvous)
+    with open(marker) as f:  # the fault fired: that rank died at that step of the first attempt
+        assert f.read().split() == ["rank", str(kill_rank), "step", str(kill_step), "attempt", "0"]
+    assert "exitcode: -9" in log, log[-3000:]  # torchrun saw a worker die of SIGKILL, and went on
     with open(os.path.join(out, "train.log")) as f:
         train_log = f.read()
-    assert "resumed from" in train_log and "at epoch 1" in train_log  # the restart continued after epoch 1
+    assert "resumed from" in train_log and "at epoch 1 (step 4)" in train_log  # restarted after epoch 1
     _assert_same_training(one_node_run, os.path.join(out, "checkpoint.pth.tar"))
 
 
