@@ -57,7 +57,7 @@ class RealExitRow:
     measured_macs: float
     images_per_second: float
     seconds: float
-    time_ratio: float  # this run's time / the all-T (anytime) pass's time
+    time_ratio: float  # this run's time / the all-T (anytime) pass's time (over ranks: ratio of summed images/s)
     macs_ratio: float  # expected Multiply-Adds / all-T Multiply-Adds
     matches_simulation: bool  # predictions and exit steps equal the post-hoc simulation (on every rank)
     processes: int = 1  # ranks that ran it; images_per_second is their sum, seconds the slowest's
