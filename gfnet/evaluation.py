@@ -10,6 +10,14 @@ With ``write=True`` modes 1 and 2 store ``anytime_classification``, ``budgeted_b
 (and, in mode 2, ``dynamic_threshold``) into the checkpoint, atomically (temporary file + os.replace).
 With ``real_exit=True`` they also run :func:`gfnet.engine.budgeted_predict` at a few budgets and
 report measured images/s beside the expected Multiply-Adds.
+
+Under torchrun (``ctx``: a :class:`gfnet.train.DistributedContext` of several processes) every rank
+reads its shard of each split (contiguous runs of the file list, every image exactly once, the last
+partial batch kept: :mod:`gfnet.data.sharding`) and computes its anytime outputs; rank 0 gathers them
+with their dataset indices, puts them back in dataset order, fits the thresholds and computes the
+accuracies once, so the numbers equal a single process's to float rounding. Real early exit runs on
+every rank with its own scheduler over its shard; its images/s is the sum over the ranks. Only rank 0
+reports and writes.
 """
 from __future__ import annotations
 
@@ -19,13 +27,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from gfnet import budget
+from gfnet.device import configure_device
 from gfnet.engine import budgeted_predict
 
-__all__ = ["EvaluationResult", "RealExitRow", "checkpoint_summary", "collect_confidences", "evaluate_checkpoint",
-           "DEFAULT_TRAIN_SUBSET", "DEFAULT_REAL_EXIT_POINTS"]
+__all__ = ["EvaluationResult", "RealExitRow", "ShardOutputs", "checkpoint_summary", "collect_confidences",
+           "collect_shard_outputs", "gather_outputs", "evaluate_checkpoint", "DEFAULT_TRAIN_SUBSET",
+           "DEFAULT_REAL_EXIT_POINTS"]
 
 #: The reference fits its thresholds on 200000 random training images.
 DEFAULT_TRAIN_SUBSET = 200000
@@ -47,9 +58,10 @@ class RealExitRow:
     measured_macs: float
     images_per_second: float
     seconds: float
-    time_ratio: float  # this run's time / the all-T (anytime) pass's time
+    time_ratio: float  # this run's time / the all-T (anytime) pass's time (over ranks: ratio of summed images/s)
     macs_ratio: float  # expected Multiply-Adds / all-T Multiply-Adds
-    matches_simulation: bool  # predictions and exit steps equal the post-hoc simulation
+    matches_simulation: bool  # predictions and exit steps equal the post-hoc simulation (on every rank)
+    processes: int = 1  # ranks that ran it; images_per_second is their sum, seconds the slowest's
 
 
 @dataclass
@@ -63,7 +75,9 @@ class EvaluationResult:
     budgeted_batch_classification: Optional[list] = None
     num_val: int = 0
     num_train: int = 0
-    anytime_images_per_second: Optional[float] = None
+    anytime_images_per_second: Optional[float] = None  # summed over the ranks
+    anytime_seconds: Optional[float] = None  # wall-clock of the validation pass (the slowest rank's)
+    processes: int = 1
     real_exit: list = field(default_factory=list)
     written: Optional[str] = None
 
@@ -101,8 +115,139 @@ def _format_value(value) -> str:
     return str(value)
 
 
-def collect_confidences(net, loader, dtype=None, limit: Optional[int] = None):
+@dataclass
+class ShardOutputs:
+    """Compact anytime outputs of the images one process read (or, gathered, of all of them).
+
+    Attributes:
+        max_probs: Tensor[T, N] float32, the max softmax probability after each step.
+        preds: Tensor[T, N] int64, the prediction after each step.
+        targets: Tensor[N] int64 labels.
+        indices: Tensor[N] int64, each image's position in the split's file list (the dataset order).
+        seconds: wall-clock of the pass (data loading included); gathered: the slowest rank's.
+        images_per_second: N / seconds; gathered: the sum over the ranks.
+    All on the CPU.
+    """
+
+    max_probs: torch.Tensor
+    preds: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+    seconds: float
+    images_per_second: float
+
+    @property
+    def confidences(self):
+        """(max_probs, preds): what :mod:`gfnet.budget` takes."""
+        return self.max_probs, self.preds
+
+
+def _indexed_batches(loader):
+    """``(images, labels, indices Tensor[n] int64)`` for each batch of ``loader``.
+
+    For a gfnet.data loader the indices are the files' positions in its split (the sharding plan of
+    :func:`gfnet.data.sharding.shard_batches`, less the files that failed to decode while reading: the
+    loader records those before it yields their batch), checked against the labels the loader yielded.
+    Any other iterable of (images, labels) is one process's stream: positions 0, 1, 2, ...
+    """
+    index = getattr(loader, "index", None)
+    if index is None or not hasattr(loader, "num_shards") or not hasattr(loader, "spec"):
+        position = 0
+        for images, labels in loader:
+            n = images.shape[0]
+            yield images, labels, torch.arange(position, position + n)
+            position += n
+        return
+    from gfnet.data.sharding import shard_batches
+
+    plan = shard_batches(len(index.files), loader.batch_size, loader.spec.train, loader.shard_id, loader.num_shards,
+                         loader.seed, loader.epoch)
+    order = np.concatenate(plan).tolist() if plan else []
+    cursor, bad, known = 0, set(), -1
+    for images, labels in loader:
+        if len(loader.stats.skipped) != known:  # grows only when a file fails to decode
+            bad = {path for path, _ in loader.stats.skipped}
+            known = len(loader.stats.skipped)
+        picked = []
+        while len(picked) < len(labels):
+            if cursor >= len(order):
+                raise RuntimeError(f"{loader!r} yielded more images than its shard plan holds")
+            i = order[cursor]
+            cursor += 1
+            if index.files[i] not in bad:
+                picked.append(i)
+        expected = torch.as_tensor([index.labels[i] for i in picked], dtype=torch.int64)
+        if not torch.equal(expected, torch.as_tensor(labels).reshape(-1).cpu().long()):
+            raise RuntimeError(f"{loader!r} yielded its images out of its shard plan's order: the dataset "
+                               "indices of its outputs cannot be recovered")
+        yield images, labels, torch.as_tensor(picked, dtype=torch.int64)
+
+
+def collect_shard_outputs(net, loader, dtype=None, limit: Optional[int] = None) -> ShardOutputs:
     """Run all T steps on every batch of ``loader`` and keep the compact softmax statistics.
+
+    Args:
+        net: a GFNet in eval mode; loader: a gfnet.data loader (of any shard) or any iterable of
+            (images, labels) on the model's device.
+        dtype: autocast dtype (None/"fp32", "bf16", "fp16").
+        limit: stop after this many images.
+    Returns:
+        :class:`ShardOutputs` of the images read, in the loader's order, with their dataset indices.
+    """
+    max_probs, preds, targets, indices = [], [], [], []
+    seen = 0
+    start = time.perf_counter()
+    for images, labels, idx in _indexed_batches(loader):
+        if limit is not None and seen >= limit:
+            break
+        if limit is not None and seen + images.shape[0] > limit:
+            images, labels, idx = images[: limit - seen], labels[: limit - seen], idx[: limit - seen]
+        probs = net.anytime_predict(images, dtype=dtype).probs
+        mp, pr = budget.confidences(probs)
+        max_probs.append(mp.cpu())
+        preds.append(pr.cpu())
+        targets.append(torch.as_tensor(labels).reshape(-1).cpu())
+        indices.append(idx)
+        seen += images.shape[0]
+    seconds = time.perf_counter() - start
+    if not targets:
+        T = net.T
+        return ShardOutputs(torch.empty(T, 0), torch.empty(T, 0, dtype=torch.int64), torch.empty(0, dtype=torch.int64),
+                            torch.empty(0, dtype=torch.int64), seconds, 0.0)
+    return ShardOutputs(torch.cat(max_probs, 1), torch.cat(preds, 1), torch.cat(targets).long(), torch.cat(indices),
+                        seconds, seen / max(seconds, 1e-9))
+
+
+def gather_outputs(ctx, shard: ShardOutputs) -> Optional[ShardOutputs]:
+    """Every rank's :class:`ShardOutputs` on rank 0, concatenated and put in dataset order (collective).
+
+    Args:
+        ctx: a :class:`gfnet.train.DistributedContext` (one process: ``shard`` is returned as it is).
+        shard: this rank's outputs.
+    Returns:
+        On rank 0 the outputs of all images, sorted by dataset index (seconds: the slowest rank's,
+        images_per_second: the sum over ranks); None on the other ranks.
+    Raises:
+        RuntimeError: an image was read by two ranks (the shards overlap).
+    """
+    if ctx is None or ctx.world_size <= 1:
+        return shard
+    parts = ctx.gather_object(shard)
+    if parts is None:
+        return None
+    indices = torch.cat([p.indices for p in parts])
+    order = torch.argsort(indices)
+    indices = indices[order]
+    if indices.numel() > 1 and bool((indices[1:] == indices[:-1]).any()):
+        raise RuntimeError("two processes read the same image: the shards overlap")
+    return ShardOutputs(torch.cat([p.max_probs for p in parts], 1)[:, order],
+                        torch.cat([p.preds for p in parts], 1)[:, order],
+                        torch.cat([p.targets for p in parts])[order], indices,
+                        max(p.seconds for p in parts), sum(p.images_per_second for p in parts))
+
+
+def collect_confidences(net, loader, dtype=None, limit: Optional[int] = None):
+    """Run all T steps on every batch of ``loader`` and keep the compact softmax statistics (one process).
 
     Args:
         net: a GFNet in eval mode; loader: iterable of (images, labels) on the model's device.
@@ -112,24 +257,10 @@ def collect_confidences(net, loader, dtype=None, limit: Optional[int] = None):
         ((max_probs Tensor[T, N] float32, preds Tensor[T, N] int64), targets Tensor[N] int64, seconds):
         on the CPU; ``seconds`` is the wall-clock time of the pass (data loading included).
     """
-    max_probs, preds, targets = [], [], []
-    seen = 0
-    start = time.perf_counter()
-    for images, labels in loader:
-        if limit is not None and seen >= limit:
-            break
-        if limit is not None and seen + images.shape[0] > limit:
-            images, labels = images[: limit - seen], labels[: limit - seen]
-        probs = net.anytime_predict(images, dtype=dtype).probs
-        mp, pr = budget.confidences(probs)
-        max_probs.append(mp.cpu())
-        preds.append(pr.cpu())
-        targets.append(torch.as_tensor(labels).reshape(-1).cpu())
-        seen += images.shape[0]
-    seconds = time.perf_counter() - start
-    if not targets:
+    out = collect_shard_outputs(net, loader, dtype, limit)
+    if out.targets.numel() == 0:
         raise ValueError("the loader yielded no images")
-    return (torch.cat(max_probs, 1), torch.cat(preds, 1)), torch.cat(targets).long(), seconds
+    return out.confidences, out.targets, out.seconds
 
 
 def _anytime_accuracy(confidences, targets) -> list:
@@ -157,7 +288,8 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
                         backend: str = "dali", write: bool = False, seed: int = 0,
                         real_exit_points: Sequence[int] = DEFAULT_REAL_EXIT_POINTS, num_threads: Optional[int] = None,
                         log: Optional[Callable[[str], None]] = print, arch: Optional[str] = None,
-                        patch_size: Optional[int] = None, T: Optional[int] = None) -> EvaluationResult:
+                        patch_size: Optional[int] = None, T: Optional[int] = None, ctx=None,
+                        compile: bool = False) -> EvaluationResult:
     """Evaluate a GFNet checkpoint as the reference's inference.py eval modes 0, 1 and 2 do.
 
     Args:
@@ -165,102 +297,137 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
         eval_mode: 0 (print stored results), 1 (stored thresholds on ROOT/val), 2 (fit on a training
             subset, evaluate on ROOT/val).
         data: the ImageNet-layout root (modes 1, 2).
-        batch_size, device, dtype: of the model passes (dtype: None/"fp32", "bf16", "fp16").
+        batch_size, device, dtype: of the model passes, per process (dtype: None/"fp32", "bf16", "fp16").
+            Under torchrun, ``device`` is this process's (``ctx.device``) when None.
         train_subset: training images for mode 2 (default min(len(train), 200000)).
         real_exit: also run budgeted_predict at ``real_exit_points`` and report images/s.
         backend: the data pipeline, "dali" or "torchvision".
-        write: store the new results into the checkpoint (atomically).
+        write: store the new results into the checkpoint (atomically; rank 0 only).
         seed: seed of the training subset.
-        log: where the report lines go (None: silent).
+        log: where the report lines go (None: silent; only rank 0 reports).
         arch, patch_size, T: for files that do not name them (the reference train.py's); checked
             against the file's otherwise.
+        ctx: a :class:`gfnet.train.DistributedContext` (from :func:`gfnet.train.init_distributed`) to
+            evaluate over all its processes, each reading its shard; None: this process alone. Every
+            process must call this function with the same arguments.
+        compile: compile the encoders with torch.compile (:meth:`GFNet.compile`); the first batches of
+            each pass take longer while they compile.
     Returns:
-        :class:`EvaluationResult`.
+        :class:`EvaluationResult`: complete on rank 0; on the other ranks only ``mode``, ``summary``,
+        ``dynamic_threshold`` and (with ``real_exit``) ``real_exit`` are filled.
     """
-    say = log if log is not None else (lambda line: None)
+    rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
+    main = rank == 0
+    say = log if (log is not None and main) else (lambda line: None)
     if eval_mode not in (0, 1, 2):
         raise ValueError(f"eval_mode must be 0, 1 or 2, got {eval_mode}")
     summary = checkpoint_summary(checkpoint, arch=arch, patch_size=patch_size, T=T)
-    result = EvaluationResult(mode=eval_mode, summary=summary)
+    result = EvaluationResult(mode=eval_mode, summary=summary, processes=world)
     if eval_mode == 0:
         for key, value in summary.items():
             say(f"{key}: {_format_value(value)}")
         return result
     if data is None:
         raise ValueError(f"eval mode {eval_mode} needs the dataset root (data=ROOT holding train/ and val/)")
+    bad_points = [p for p in (real_exit_points if real_exit else ()) if not 1 <= p <= budget.BUDGET_POINTS]
+    if bad_points:  # checked before any collective: a rank that fails alone would leave the others waiting
+        raise ValueError(f"real-exit points must be in 1..{budget.BUDGET_POINTS}, got {bad_points}")
 
     from gfnet.checkpoint import load_checkpoint
     from gfnet.data import make_loader
     from gfnet.engine import step_flops
 
     net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
+    if device is None and ctx is not None and world > 1:
+        device = ctx.device
     if device is not None:
         net = net.to(device)
     model_device = next(net.parameters()).device
+    configure_device(model_device)  # cuDNN benchmark and TF32 on a GPU
+    if compile:
+        net.compile()
     config = net.config
     flops = step_flops(net)
     loader_args = dict(batch_size=batch_size, image_size=config.image_size, crop_pct=config.crop_pct,
                        interpolation=config.dataset_interpolation, backend=backend, device=model_device,
-                       num_threads=num_threads)
+                       num_threads=num_threads, shard_id=rank, num_shards=world)
 
     stored = net.meta.get("dynamic_threshold")
     if eval_mode == 1 and stored is None:
         raise ValueError(f"{checkpoint} stores no dynamic_threshold: run eval mode 2 to fit thresholds first")
 
-    train_confidences = train_targets = None
+    train = None
     if eval_mode == 2:
         train_loader = make_loader(data, train=False, split="train", **loader_args)
         subset = DEFAULT_TRAIN_SUBSET if train_subset is None else int(train_subset)
         if subset < 1:
             raise ValueError(f"train_subset must be >= 1, got {subset}")
+        # every rank draws the same seeded subset, then reads its shard of it
         train_loader, result.num_train = _train_subset_loader(train_loader, subset, seed)
-        say(f"fitting thresholds on {result.num_train} training images")
-        train_confidences, train_targets, _ = collect_confidences(net, train_loader, dtype)
+        say(f"fitting thresholds on {result.num_train} training images"
+            + (f" ({world} processes)" if world > 1 else ""))
+        train = gather_outputs(ctx, collect_shard_outputs(net, train_loader, dtype))
 
     val_loader = make_loader(data, train=False, **loader_args)
-    val_confidences, val_targets, anytime_seconds = collect_confidences(net, val_loader, dtype)
-    result.num_val = int(val_targets.numel())
-    result.anytime_images_per_second = result.num_val / anytime_seconds
-    result.anytime_classification = _anytime_accuracy(val_confidences, val_targets)
+    if ctx is not None:
+        ctx.barrier()  # the ranks start the timed pass together: its wall-clock is the slowest rank's
+    local_val = collect_shard_outputs(net, val_loader, dtype)
+    val = gather_outputs(ctx, local_val)
 
-    thresholds, accuracies, costs = budget.budget_curve(
-        train_confidences, train_targets, val_confidences, val_targets, flops,
-        thresholds=None if eval_mode == 2 else torch.as_tensor(stored))
+    thresholds = None
+    if main:
+        for name, outputs in (("train", train), ("val", val)):
+            if outputs is not None and outputs.targets.numel() == 0:
+                raise ValueError(f"the {name} loader yielded no images")
+        result.num_val = int(val.targets.numel())
+        result.anytime_seconds = val.seconds
+        result.anytime_images_per_second = val.images_per_second
+        result.anytime_classification = _anytime_accuracy(val.confidences, val.targets)
+        thresholds, accuracies, costs = budget.budget_curve(
+            train.confidences if train is not None else None, train.targets if train is not None else None,
+            val.confidences, val.targets, flops, thresholds=None if eval_mode == 2 else torch.as_tensor(stored))
+        result.budgeted_batch_classification = [costs, accuracies]
+
+        say(f"{net.arch}, patch {net.patch_size}, T={net.T}: {result.num_val} validation images"
+            + (f" on {world} processes" if world > 1 else ""))
+        say("anytime_classification: " + _format_value(result.anytime_classification))
+        say("flops per step count: " + _format_value(flops))
+        say("budgeted batch classification (point: expected Multiply-Adds, top-1 %):")
+        for p, (cost, accuracy) in enumerate(zip(costs, accuracies), start=1):
+            say(f"  {p:2d}  {cost:.4g}  {accuracy:.2f}")
+    if ctx is not None and world > 1 and real_exit:
+        thresholds = ctx.broadcast_object(thresholds)  # every rank's scheduler needs them
     result.dynamic_threshold = thresholds
-    result.budgeted_batch_classification = [costs, accuracies]
-
-    say(f"{net.arch}, patch {net.patch_size}, T={net.T}: {result.num_val} validation images")
-    say("anytime_classification: " + _format_value(result.anytime_classification))
-    say("flops per step count: " + _format_value(flops))
-    say("budgeted batch classification (point: expected Multiply-Adds, top-1 %):")
-    for p, (cost, accuracy) in enumerate(zip(costs, accuracies), start=1):
-        say(f"  {p:2d}  {cost:.4g}  {accuracy:.2f}")
 
     if real_exit:
         all_steps = flops[-1]
-        say(f"real early exit (all T steps: {result.anytime_images_per_second:.1f} images/s):")
+        if main:
+            say(f"real early exit (all T steps: {result.anytime_images_per_second:.1f} images/s"
+                + (f", summed over {world} processes" if world > 1 else "") + "):")
         for p in real_exit_points:
-            if not 1 <= p <= thresholds.shape[0]:
-                raise ValueError(f"real-exit points must be in 1..{thresholds.shape[0]}, got {p}")
             row = thresholds[p - 1]
-            out = budgeted_predict(net, val_loader, row, batch_size=batch_size, dtype=dtype, flops=flops)
-            simulated = budget.exit_steps(val_confidences, row)
-            simulated_preds = val_confidences[1].gather(0, simulated.view(1, -1)).squeeze(0)
-            same = bool(torch.equal(out.exit_step, simulated) and torch.equal(out.preds, simulated_preds))
-            accuracy = float((out.preds == out.targets).double().mean() * 100.0) if out.targets is not None else \
-                float("nan")
+            mine = _real_exit_on_shard(net, val_loader, row, batch_size, dtype, flops, local_val)
+            parts = ctx.gather_object(mine) if ctx is not None and world > 1 else [mine]
+            if not main:
+                continue
+            images = sum(m["images"] for m in parts)
             measured = RealExitRow(
-                point=p, thresholds=row.tolist(), accuracy=accuracy, expected_macs=costs[p - 1],
-                measured_macs=out.macs_per_image, images_per_second=out.images_per_second, seconds=out.seconds,
-                time_ratio=out.seconds / anytime_seconds, macs_ratio=costs[p - 1] / all_steps,
-                matches_simulation=same)
+                point=p, thresholds=row.tolist(),
+                accuracy=100.0 * sum(m["correct"] for m in parts) / max(images, 1) if images else float("nan"),
+                expected_macs=result.budgeted_batch_classification[0][p - 1],
+                measured_macs=sum(m["macs_spent"] for m in parts) / max(images, 1),
+                images_per_second=sum(m["images_per_second"] for m in parts),
+                seconds=max(m["seconds"] for m in parts),
+                time_ratio=result.anytime_images_per_second / max(sum(m["images_per_second"] for m in parts), 1e-12),
+                macs_ratio=result.budgeted_batch_classification[0][p - 1] / all_steps,
+                matches_simulation=all(m["same"] for m in parts), processes=world)
             result.real_exit.append(measured)
             say(f"  point {p:2d}: {measured.images_per_second:.1f} images/s, time ratio {measured.time_ratio:.3f} "
                 f"vs Multiply-Adds ratio {measured.macs_ratio:.3f} (expected {measured.expected_macs:.4g}, "
-                f"spent {measured.measured_macs:.4g} per image), top-1 {accuracy:.2f}%"
-                + ("" if same else "  [differs from the post-hoc simulation]"))
+                f"spent {measured.measured_macs:.4g} per image), top-1 {measured.accuracy:.2f}%"
+                + ("" if measured.matches_simulation else "  [differs from the post-hoc simulation]"))
 
-    if write:
+    if write and main:
         from gfnet.checkpoint import atomic_save
 
         obj = _read_raw(checkpoint, arch=arch, patch_size=patch_size, T=T).raw
@@ -273,4 +440,24 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
         atomic_save(obj, checkpoint)
         result.written = os.fspath(checkpoint)
         say(f"wrote the results into {checkpoint}")
+    if ctx is not None:
+        ctx.barrier()  # no rank leaves (and closes the group) before rank 0 has written
     return result
+
+
+def _real_exit_on_shard(net, loader, row, batch_size, dtype, flops, local: ShardOutputs) -> dict:
+    """Real early exit over this rank's shard with its own scheduler, checked against the post-hoc simulation
+    of the same images (``local``: this rank's anytime outputs, in the loader's order).
+
+    Returns a dict of plain numbers (gathered to rank 0): images, correct, macs_spent, seconds,
+    images_per_second, same.
+    """
+    if local.targets.numel() == 0:  # more ranks than images: this one has none
+        return dict(images=0, correct=0, macs_spent=0.0, seconds=0.0, images_per_second=0.0, same=True)
+    out = budgeted_predict(net, loader, row, batch_size=batch_size, dtype=dtype, flops=flops)
+    simulated = budget.exit_steps(local.confidences, row)
+    simulated_preds = local.preds.gather(0, simulated.view(1, -1)).squeeze(0)
+    same = bool(torch.equal(out.exit_step, simulated) and torch.equal(out.preds, simulated_preds))
+    correct = int((out.preds == out.targets).sum()) if out.targets is not None else 0
+    return dict(images=int(out.preds.numel()), correct=correct, macs_spent=float(out.macs_spent),
+                seconds=float(out.seconds), images_per_second=float(out.images_per_second), same=same)

@@ -19,6 +19,7 @@ SUITES = {
     "data": "gfnet.bench.bench_data",
     "budget": "gfnet.bench.bench_budget",
     "train": "gfnet.bench.bench_train",
+    "eval": "gfnet.bench.bench_eval",  # distributed evaluation against the number of torchrun processes
 }
 
 # Columns shown first when present; the JSON keeps every field.

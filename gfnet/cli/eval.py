@@ -7,6 +7,13 @@
 Mode 0 prints what the checkpoint stores; mode 1 evaluates its stored thresholds on ROOT/val; mode 2 fits
 the thresholds on a random subset of ROOT/train first. The logic is gfnet.evaluation.evaluate_checkpoint.
 
+Under torchrun the same command runs on every process and node, each reading its shard:
+
+    torchrun --nproc-per-node K -m gfnet.cli.eval --checkpoint PATH --eval-mode 2 --data ROOT --device cuda
+
+rank 0 gathers the outputs in dataset order, fits the thresholds, prints and writes; the numbers equal
+one process's. --batch-size is per process.
+
 --write is off by default: an evaluation should not silently change a released checkpoint's published
 numbers (for instance after evaluating on a subset or another dataset); ask for it explicitly. The file
 is then replaced atomically (temporary file + os.replace); whether it can be is checked before any work,
@@ -16,6 +23,7 @@ Errors: one line on stderr, exit status 2 for bad arguments or input, 1 for fail
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gfnet.cli._errors import check_writable_file, nonnegative_int, parse_device, positive_int, run_command
@@ -33,9 +41,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="0: print stored results; 1: stored thresholds on ROOT/val; "
                         "2: fit thresholds on a training subset, then evaluate on ROOT/val")
     p.add_argument("--data", default=None, help="ImageNet-layout root holding train/ and val/ (modes 1, 2)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k> (default: cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch, per process")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k> (default: cpu; under torchrun 'cuda' is "
+                   "each process's own GPU)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="autocast dtype (default fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the encoders with torch.compile (the first batches take longer while they compile)")
     p.add_argument("--train-subset", type=positive_int, default=None,
                    help=f"training images to fit thresholds on (mode 2; default min(len, {DEFAULT_TRAIN_SUBSET}))")
     p.add_argument("--seed", type=int, default=0, help="seed of the random training subset")
@@ -69,11 +80,22 @@ def _evaluate(args) -> int:
         if args.eval_mode == 0:
             raise ValueError("--write stores the results of eval modes 1 and 2; mode 0 computes none")
         check_writable_file(args.checkpoint, "checkpoint")  # before the work, not after it
-    evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
-                        device=args.device, dtype=args.dtype, train_subset=args.train_subset,
-                        real_exit=args.real_exit, backend=args.backend, write=args.write, seed=args.seed,
-                        real_exit_points=args.real_exit_points, num_threads=args.num_threads,
-                        arch=args.arch, patch_size=args.patch_size, T=args.T)
+    ctx = None
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.eval_mode != 0:  # launched by torchrun
+            from gfnet.train.distributed import init_distributed
+
+            ctx = init_distributed(args.device or "cpu")
+        evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
+                            device=ctx.device if ctx is not None else args.device, dtype=args.dtype,
+                            train_subset=args.train_subset, real_exit=args.real_exit, backend=args.backend,
+                            write=args.write, seed=args.seed, real_exit_points=args.real_exit_points,
+                            num_threads=args.num_threads, arch=args.arch, patch_size=args.patch_size, T=args.T,
+                            ctx=ctx, log=print if int(os.environ.get("RANK", "0")) == 0 else None,
+                            compile=args.compile)
+    finally:
+        if ctx is not None:
+            ctx.close()
     return 0
 
 

@@ -5,6 +5,8 @@ Single process:   gfnet-train --data ROOT --arch resnet50 --patch-size 96 --T 5 
 Several GPUs:     torchrun --nproc-per-node 8 -m gfnet.cli.train ...same arguments...
 Continue a stage: gfnet-train ... --stage 2 --checkpoint runs/s1/model_best.pth.tar --out runs/s2
 Resume a run:     gfnet-train ...same arguments... --resume auto      (or --resume runs/s2/checkpoint.pth.tar)
+Elastic:          torchrun --nproc-per-node 8 --max-restarts 3 -m gfnet.cli.train ... --resume auto
+                  (a lost worker restarts the job from the last finished epoch)
 
 --checkpoint and --resume read any GFNet checkpoint: gfnet's, the reference's released files and the
 reference train.py's own (which name no backbone, patch size or T: give --arch, --patch-size, --T).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -121,7 +124,7 @@ def _train(args) -> int:
         init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
         resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
         validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite)
-    if history:
+    if history and int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process
         last = history[-1]
         acc = last.get("val_acc", last["train_acc"])
         print(f"stage {args.stage} done: epoch {last['epoch']}, anytime accuracy "

@@ -1,8 +1,11 @@
-"""torch.distributed set-up for training: one process per device, launched by torchrun (or alone).
+"""torch.distributed set-up for training and evaluation: one process per device, launched by torchrun
+(or alone).
 
-``torchrun --nproc-per-node K -m gfnet.cli.train ...`` sets RANK, WORLD_SIZE, LOCAL_RANK and
-MASTER_ADDR/PORT; :func:`init_distributed` reads them and opens the process group (NCCL for CUDA
-devices, gloo for the CPU). Without them the same code runs as a single process.
+``torchrun --nproc-per-node K -m gfnet.cli.train ...`` (or ``-m gfnet.cli.eval``) sets RANK, WORLD_SIZE,
+LOCAL_RANK and MASTER_ADDR/PORT, on one node or many (``--nnodes N --node-rank R --rdzv-endpoint
+HOST:PORT``); :func:`init_distributed` reads them and opens the process group (NCCL for CUDA devices,
+gloo for the CPU): it is the one place in gfnet that does. Without them the same code runs as a single
+process. :meth:`DistributedContext.close` closes the group again.
 """
 from __future__ import annotations
 
@@ -54,6 +57,28 @@ class DistributedContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_object(self, obj, dst: int = 0):
+        """On rank ``dst``: the list of every process's ``obj`` (rank order); None on the others; [obj] on
+        one process. Only ``dst`` holds all of them (evaluation gathers its outputs to rank 0 this way)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s ``obj`` on every process (the others' argument is ignored)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def close(self) -> None:
+        """Close the process group that :func:`init_distributed` opened (nothing on one process)."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def resolve_device(device=None, local_rank: int = 0) -> torch.device:
     """This process's device: ``device`` checked (see :func:`gfnet.device.resolve_device`), with a bare "cuda"
@@ -98,5 +123,13 @@ def init_distributed(device=None) -> DistributedContext:
     if not dist.is_initialized():
         # device_id binds the NCCL communicator to this process's GPU (not to whatever LOCAL_RANK would index)
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            # torchrun restarts a failed job (--max-restarts) against the launcher's store, which still holds
+            # the previous attempt's keys (each rank's gloo address, NCCL's unique id): a restarted rank can
+            # read them before its peer rewrites them and dial a dead process (found with gloo: connection
+            # refused, or a hang). Each attempt gets its own key space.
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+            kwargs["store"] = dist.PrefixStore(f"gfnet/attempt-{attempt}", store)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
