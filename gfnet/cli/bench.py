@@ -1,7 +1,9 @@
-"""``gfnet-bench``: run benchmark suites, print a table, write JSON (and a chart where gfnet.viz can).
+"""``gfnet-bench``: run benchmark suites, print their rows, write JSON + markdown (+ a chart) per suite.
 
-Each suite is a module of bench/ (installed as ``gfnet.bench``) with ``run(device=None, quick=False)``
-returning result rows (dicts stamped with the device, versions and git revision).
+Each suite is a module of bench/ (installed as ``gfnet.bench``) with
+``run(device=None, quick=False, threads=None) -> list[gfnet.bench.rows.Row]``, an optional ``NOTES`` text and
+``EXTRA_COLUMNS`` (the row ``extra`` fields its markdown table shows). Every suite checks its providers'
+outputs against its baseline before timing. The format and writer are :mod:`gfnet.bench.rows`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 
+#: The registered suites: name -> module (a new suite, e.g. a GPU check, adds one line here).
 SUITES = {
     "anytime": "gfnet.bench.bench_anytime",
     "kernels": "gfnet.bench.bench_kernels",
@@ -19,72 +22,68 @@ SUITES = {
     "train": "gfnet.bench.bench_train",
 }
 
-# Columns shown first when present; the JSON keeps every field.
-_COLUMNS = ["backbone", "op", "pipeline", "budget", "stage", "provider", "batch", "dtype", "median_s", "iqr_s",
-            "images_per_s", "patches_per_s", "gbytes_per_s", "speedup_vs_reference", "speedup"]
 
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table of the rows' common columns."""
-    if not rows:
-        return "(no rows)"
-    cols = [c for c in _COLUMNS if any(c in r for r in rows)]
-
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def run_suite(name: str, device=None, quick=False) -> list[dict]:
-    """Run one suite by name (see SUITES) and return its rows."""
+def load_suite(name: str):
+    """The module of suite ``name`` (see SUITES)."""
     if name not in SUITES:
-        raise SystemExit(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise SystemExit(f"gfnet-bench: unknown suite {name!r}; choose from {', '.join(SUITES)} or 'all'")
     try:
-        module = importlib.import_module(SUITES[name])
+        return importlib.import_module(SUITES[name])
     except ModuleNotFoundError as e:
-        raise SystemExit(f"suite {name!r} is not available in this installation ({e})") from e
-    return module.run(device=device, quick=quick)
+        raise SystemExit(f"gfnet-bench: suite {name!r} is not available in this installation ({e}); "
+                         "install gfnet with its bench/ folder (`pip install -e .` from the repository)") from e
+
+
+def run_suite(name: str, device=None, quick: bool = False, threads=None) -> list:
+    """Run one suite by name and return its rows (:class:`gfnet.bench.rows.Row`)."""
+    return load_suite(name).run(device=device, quick=quick, threads=threads)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gfnet-bench", description=__doc__.splitlines()[0])
+    p.add_argument("suites", nargs="*", default=["anytime"],
+                   help=f"suites to run ({', '.join(SUITES)}, or 'all'); default: anytime")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--quick", action="store_true", help="small sizes and short timing (each suite < ~1 minute)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every suite (data: also loader workers); default: torch's setting")
+    p.add_argument("--out-dir", default=None,
+                   help="write <suite>_<device>.json, .md and .png here (checked writable before running)")
+    p.add_argument("--note", default=None,
+                   help="the machine's state, stamped on the results (e.g. '2-core CPU dev machine')")
+    p.add_argument("--no-chart", action="store_true", help="with --out-dir: skip the PNG chart")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gfnet-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suites", nargs="*", default=["anytime"],
-                        help=f"suites to run ({', '.join(SUITES)}, or 'all'); default: anytime")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter timing (smoke run)")
-    parser.add_argument("--out-dir", default=None,
-                        help="write <suite>_<device>.json (and a PNG chart) here; default: print only")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    args = parser.parse_args(argv)
-    suites = list(SUITES) if args.suites == ["all"] else args.suites
-    for name in suites:
-        rows = run_suite(name, device=args.device, quick=args.quick)
+    args = _parser().parse_args(argv)
+    from gfnet.bench.common import resolve_device
+    from gfnet.bench.rows import check_writable, environment, markdown_table, write_results
+
+    names = list(SUITES) if args.suites == ["all"] else args.suites
+    modules = {name: load_suite(name) for name in names}  # unknown names fail before anything runs
+    if args.out_dir:
+        check_writable(args.out_dir)  # fail now, not after minutes of measurement
+    device = resolve_device(args.device)
+    for name, module in modules.items():
+        env = environment(device, note=args.note)
+        rows = module.run(device=str(device), quick=args.quick, threads=args.threads)
+        env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        extra_columns = getattr(module, "EXTRA_COLUMNS", ())
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(json.dumps({"suite": name, "env": env, "rows": [r.to_dict() for r in rows]}, indent=1))
         else:
-            print(f"\n== {name} ({rows[0]['device'] if rows else '?'}) ==")
-            print(format_table(rows))
+            print(f"\n== {name}: {env['device_name']}, git {env['git']} ==")
+            print(markdown_table(rows, extra_columns))
         if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
-            tag = rows[0].get("device_type", "cpu") if rows else "cpu"
-            path = os.path.join(args.out_dir, f"{name}_{tag}.json")
-            with open(path, "w") as f:
-                json.dump(rows, f, indent=2)
-            print(f"wrote {path}")
-            try:
-                from gfnet.viz import plot_bench
-            except ImportError:
-                continue
-            png = os.path.splitext(path)[0] + ".png"
-            plot_bench(rows, png)
-            print(f"wrote {png}")
+            paths = write_results(args.out_dir, name, env, rows, extra_columns, getattr(module, "NOTES", ""))
+            print(f"wrote {paths['json']} and {paths['md']}")
+            if not args.no_chart:
+                from gfnet.viz.bench_charts import plot_bench
+
+                for png in plot_bench(paths["json"], os.path.splitext(paths["json"])[0] + ".png"):
+                    print(f"wrote {png}")
     return 0
 
 
