@@ -223,6 +223,7 @@ def write_results(out_dir: str, suite: str, env: dict, rows: Sequence[Row], extr
     """
     if not rows:
         raise ValueError(f"suite {suite!r} produced no rows: nothing to write")
+    os.makedirs(out_dir, exist_ok=True)
     paths = result_paths(out_dir, suite, env["device_type"])
     doc = {"format": FORMAT, "suite": suite, "env": env, "rows": [r.to_dict() for r in rows]}
     _atomic_write(paths["json"], json.dumps(doc, indent=1) + "\n")
