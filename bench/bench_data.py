@@ -10,6 +10,7 @@ one epoch each (the DataLoader keeps its workers between epochs; DALI builds an 
 """
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 
@@ -106,11 +107,9 @@ def run(device=None, quick: bool = False, threads=None, images=None, batch_size:
                 epochs[p] += 1
                 loader = loaders[p]
                 loader.set_epoch(epochs[p])
-                last = None
-                for last, _ in loader:
-                    pass
-                if last is not None and last.is_cuda:
-                    torch.cuda.synchronize(last.device)
+                last = collections.deque(loader, maxlen=1)  # read the epoch, keep only its last batch
+                if last and last[0][0].is_cuda:
+                    torch.cuda.synchronize(last[0][0].device)
 
             timings = measure({p: (lambda p=p: epoch(p)) for p in PROVIDERS}, min_run_time=0.0, rounds=repeats)
             extra = {p: {"pipeline": pipeline, "images": count, "num_threads": num_threads,

@@ -121,7 +121,7 @@ def run(device=None, quick: bool = False, threads=None) -> list:
 
 def _run(device: torch.device, quick: bool) -> list:
     import gfnet
-    from gfnet.train import TrainOptions, Trainer
+    from gfnet.train import Trainer, TrainOptions
 
     setup = _setup(device, quick)
     torch.manual_seed(0)

@@ -71,7 +71,7 @@ class Row:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Row":
+    def from_dict(cls, d: dict) -> Row:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(n for n in names if n not in d and n != "extra")
         if missing:

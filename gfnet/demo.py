@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import gfnet
 from gfnet import budget
-from gfnet.train import TensorLoader, TrainOptions, Trainer
+from gfnet.train import TensorLoader, Trainer, TrainOptions
 from gfnet.viz.report import CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE, render_report
 
 __all__ = ["DemoConfig", "QUICK", "ClutteredDigitsLoader", "make_cluttered_digits", "digit_patch_actions",
@@ -114,7 +114,7 @@ def make_cluttered_digits(n: int, split: str = "train", canvas: int = 128, digit
     span = canvas - digit_size + 1
     boxes = torch.randint(span, (n, 2), generator=g)
     half = digit_size // 2
-    for k in range(fragments):
+    for _ in range(fragments):
         other = torch.randint(len(src_labels), (n,), generator=g)
         quarter = torch.randint(2, (n, 2), generator=g) * half
         pos = torch.randint(canvas - half + 1, (n, 2), generator=g)
@@ -143,7 +143,7 @@ class ClutteredDigitsLoader:
     epoch's (images, labels, boxes).
     """
 
-    def __init__(self, n: int, config: "DemoConfig", batch_size: int, seed: int = 0, epoch_offset: int = 0):
+    def __init__(self, n: int, config: DemoConfig, batch_size: int, seed: int = 0, epoch_offset: int = 0):
         self.n, self.config, self.batch_size, self.seed = n, config, batch_size, seed
         self.epoch, self.epoch_offset = 0, epoch_offset
         self._cache = None

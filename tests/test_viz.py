@@ -10,8 +10,8 @@ from PIL import Image
 
 import gfnet
 from gfnet import viz
-from gfnet.cli.viz import main as viz_main
 from gfnet.bench.rows import Row
+from gfnet.cli.viz import main as viz_main
 from gfnet.models import AnytimePrediction
 
 ARCH, P, T, S, CLASSES = "test_efficientnet", 16, 3, 64, 10

@@ -80,7 +80,7 @@ def _budget_pair(v) -> Tuple[List[float], List[float]]:
 
 
 def _read_source(source) -> Tuple[Mapping[str, Any], str]:
-    if hasattr(source, "meta") and isinstance(getattr(source, "meta"), Mapping):
+    if hasattr(source, "meta") and isinstance(source.meta, Mapping):
         return source.meta, ""
     if isinstance(source, Mapping):
         return source, ""

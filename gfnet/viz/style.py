@@ -16,7 +16,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def hex_color(rgb: Tuple[int, int, int]) -> str:
     """(r, g, b) bytes -> "#rrggbb" for matplotlib."""
-    return "#%02x%02x%02x" % tuple(rgb)
+    r, g, b = rgb
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def save_figure(fig, out_path: PathLike, dpi: int) -> str:
