@@ -66,8 +66,11 @@ def main(argv=None) -> int:
     if args.out_dir:
         check_writable(args.out_dir)  # fail now, not after minutes of measurement
     device = resolve_device(args.device)
+    # Stamped once, before anything is written: results written by an earlier suite of this command must
+    # not make the checkout look modified ("-dirty") to the next one.
+    stamp = environment(device, note=args.note)
     for name, module in modules.items():
-        env = environment(device, note=args.note)
+        env = {**stamp, "load_average": [round(v, 2) for v in os.getloadavg()]}
         rows = module.run(device=str(device), quick=args.quick, threads=args.threads)
         env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         extra_columns = getattr(module, "EXTRA_COLUMNS", ())
