@@ -99,11 +99,3 @@ def _run(device, quick, batch_size, backbones) -> list:
             row.dtype = dtypes[row.provider]
             rows.append(row)
     return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    from gfnet.cli.bench import main
-
-    sys.exit(main(["anytime"] + sys.argv[1:]))

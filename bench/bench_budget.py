@@ -136,11 +136,3 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
     case = f"{arch} S={image_size} P={patch_size} T={T}, {num_images} images"
     return make_rows("budget", case, timings, BASELINE, device=device, dtype=str(dtype or "float32"),
                      batch=batch_size, items=num_images, unit="images/s", extra=extra)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from gfnet.cli.bench import main
-
-    sys.exit(main(["budget"] + sys.argv[1:]))

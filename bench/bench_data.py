@@ -117,11 +117,3 @@ def run(device=None, quick: bool = False, threads=None, images=None, batch_size:
             rows += make_rows("data", f"{pipeline} pipeline", timings, BASELINE, device=device, dtype="float32",
                               batch=batch_size, items=count, unit="images/s", extra=extra)
     return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    from gfnet.cli.bench import main
-
-    sys.exit(main(["data"] + sys.argv[1:]))

@@ -167,11 +167,3 @@ def _run(device, quick, batch_size, patch_sizes) -> list:
                 rows += make_rows("kernels", case, timings, baseline, device=device, dtype=in_name, batch=batch,
                                   items=batch, unit="patches/s", extra=extra)
     return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    from gfnet.cli.bench import main
-
-    raise SystemExit(main(["kernels"] + sys.argv[1:]))

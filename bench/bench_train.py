@@ -163,11 +163,3 @@ def _run(device: torch.device, quick: bool) -> list:
             row.dtype = "bf16 autocast" if row.provider == "gfnet-bf16" else "float32"
             rows.append(row)
     return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    from gfnet.cli.bench import main
-
-    sys.exit(main(["train"] + sys.argv[1:]))

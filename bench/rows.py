@@ -1,95 +1,28 @@
-"""The one result format of every benchmark suite: :class:`Row`, the environment stamp, and the writer.
+"""The one writer of every benchmark suite's results, and the environment stamp of a run.
 
-A suite's ``run()`` returns a list of :class:`Row`; ``gfnet-bench`` stamps the run with
-:func:`environment` and writes one file pair per suite with :func:`write_results`:
+A suite's ``run()`` returns a list of :class:`~gfnet.viz.bench_rows.Row` (the format is defined in
+:mod:`gfnet.viz.bench_rows`, below both this writer and the chart that reads it); ``gfnet-bench`` stamps
+the run with :func:`environment` and writes one file pair per suite with :func:`write_results`:
 
 - ``<suite>_<device type>.json``: ``{"format": FORMAT, "suite", "env": {...}, "rows": [Row fields...]}``;
 - ``<suite>_<device type>.md``: the same rows as a markdown table under the environment.
 
-:func:`read_results` reads the JSON back into rows (``gfnet-viz bench`` draws from it). Nothing here
-imports torch at module level, so readers stay cheap.
+:func:`read_results` reads the JSON back into rows (``gfnet-viz bench`` draws from it).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
+
+from gfnet.viz.bench_rows import FORMAT, Results, Row, read_results
 
 __all__ = ["FORMAT", "Row", "Results", "environment", "git_describe", "check_writable", "result_paths",
            "write_results", "read_results", "markdown_table"]
-
-#: Written into every results file; :func:`read_results` refuses other formats by name.
-FORMAT = "gfnet-bench/1"
-
-
-@dataclass
-class Row:
-    """One measured (case, provider) pair.
-
-    Attributes:
-        suite: the suite's name (``kernels``, ``anytime``, ...).
-        case: what is measured, in words (``focus_crop P=96 uint8 HWC``); rows of one case share one input.
-        provider: who computes it (``reference loop``, ``gfnet (cpp)``, ...).
-        device: the device type the row ran on (``cpu``, ``cuda``); the device's name is in the env stamp.
-        dtype: the input/compute precision (``float32``, ``uint8 HWC``, ``bf16 autocast``).
-        batch: images per call. threads: torch CPU threads during the measurement (None on a GPU).
-        median_s, iqr_s: median and inter-quartile range of one call's wall time, in seconds.
-        runs: timed calls behind them.
-        throughput, unit: items per second at the median (``images/s``, ``patches/s``).
-        baseline: the provider of this case every row is compared with (the case's first, by
-            convention); ratio: its speed-up over the baseline (> 1: faster), the baseline's own row 1.0.
-        extra: suite-specific numbers (bandwidth, Multiply-Adds ratios, ...), JSON-serialisable.
-    """
-
-    suite: str
-    case: str
-    provider: str
-    device: str
-    dtype: str
-    batch: int
-    threads: Optional[int]
-    median_s: float
-    iqr_s: float
-    runs: int
-    throughput: float
-    unit: str
-    baseline: str
-    ratio: float
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.provider == self.baseline
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Row:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in d and n != "extra")
-        if missing:
-            raise ValueError(f"a bench row lacks the field(s) {', '.join(missing)}")
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"a bench row has unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
-
-
-@dataclass
-class Results:
-    """One results file: the suite, the environment stamp and the rows."""
-
-    suite: str
-    env: dict
-    rows: list
-
 
 def git_describe() -> str:
     """``git describe --always --dirty`` of the checkout this file lives in ("unknown" outside one)."""
@@ -229,25 +162,3 @@ def write_results(out_dir: str, suite: str, env: dict, rows: Sequence[Row], extr
     _atomic_write(paths["json"], json.dumps(doc, indent=1) + "\n")
     _atomic_write(paths["md"], _markdown(suite, env, rows, extra_columns, notes))
     return {"json": paths["json"], "md": paths["md"]}
-
-
-def read_results(path: str) -> Results:
-    """Read a results JSON written by :func:`write_results`.
-
-    Raises:
-        ValueError: the file is not a gfnet-bench results file of this format (says which it is).
-    """
-    with open(path) as fh:
-        try:
-            doc = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ValueError(f"{path} is not a {FORMAT} results file (format: {found!r}); rerun the suite with "
-                         f"`gfnet-bench SUITE --out-dir DIR` to write one")
-    try:
-        rows = [Row.from_dict(r) for r in doc["rows"]]
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    return Results(doc["suite"], doc["env"], rows)

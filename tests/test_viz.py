@@ -10,9 +10,9 @@ from PIL import Image
 
 import gfnet
 from gfnet import viz
-from gfnet.bench.rows import Row
 from gfnet.cli.viz import main as viz_main
 from gfnet.models import AnytimePrediction
+from gfnet.viz.bench_rows import Row
 
 ARCH, P, T, S, CLASSES = "test_efficientnet", 16, 3, 64, 10
 GREY = (128, 128, 128)

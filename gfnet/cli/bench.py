@@ -1,9 +1,10 @@
 """``gfnet-bench``: run benchmark suites, print their rows, write JSON + markdown (+ a chart) per suite.
 
 Each suite is a module of bench/ (installed as ``gfnet.bench``) with
-``run(device=None, quick=False, threads=None) -> list[gfnet.bench.rows.Row]``, an optional ``NOTES`` text and
-``EXTRA_COLUMNS`` (the row ``extra`` fields its markdown table shows). Every suite checks its providers'
-outputs against its baseline before timing. The format and writer are :mod:`gfnet.bench.rows`.
+``run(device=None, quick=False, threads=None) -> list[gfnet.viz.bench_rows.Row]``, an optional ``NOTES``
+text and ``EXTRA_COLUMNS`` (the row ``extra`` fields its markdown table shows). Every suite checks its
+providers' outputs against its baseline before timing. The format is :mod:`gfnet.viz.bench_rows`, the
+writer :mod:`gfnet.bench.rows`.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def load_suite(name: str):
 
 
 def run_suite(name: str, device=None, quick: bool = False, threads=None) -> list:
-    """Run one suite by name and return its rows (:class:`gfnet.bench.rows.Row`)."""
+    """Run one suite by name and return its rows (:class:`gfnet.viz.bench_rows.Row`)."""
     return load_suite(name).run(device=device, quick=quick, threads=threads)
 
 

@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 def _patches(args) -> int:
     import torch
 
-    from gfnet import viz
     from gfnet.checkpoint import load_checkpoint
+    from gfnet import viz
 
     net = load_checkpoint(args.checkpoint).to(torch.device(args.device))
     S = args.image_size or int(net.meta.get("image_size") or net.config.image_size)

@@ -12,7 +12,7 @@ from typing import List, Sequence, Union
 
 import numpy as np
 
-from gfnet.bench.rows import Results, Row, read_results
+from gfnet.viz.bench_rows import Results, Row, read_results
 from gfnet.viz.style import STEP_COLORS, PathLike, hex_color, save_figure
 
 __all__ = ["read_rows", "plot_bench"]
