@@ -24,6 +24,7 @@ from gfnet.viz.bench_rows import FORMAT, Results, Row, read_results
 __all__ = ["FORMAT", "Row", "Results", "environment", "git_describe", "check_writable", "result_paths",
            "write_results", "read_results", "markdown_table"]
 
+
 def git_describe() -> str:
     """``git describe --always --dirty`` of the checkout this file lives in ("unknown" outside one)."""
     try:

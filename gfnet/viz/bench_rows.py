@@ -30,10 +30,11 @@ class Row:
         dtype: the input/compute precision (``float32``, ``uint8 HWC``, ``bf16 autocast``).
         batch: images per call. threads: torch CPU threads during the measurement (None on a GPU).
         median_s, iqr_s: median and inter-quartile range of one call's wall time, in seconds.
-        runs: timed calls behind them.
+        runs: timed blocks behind them (a block times one call, or averages several short ones).
         throughput, unit: items per second at the median (``images/s``, ``patches/s``).
         baseline: the provider of this case every row is compared with (the case's first, by
-            convention); ratio: its speed-up over the baseline (> 1: faster), the baseline's own row 1.0.
+            convention); ratio: the row's speed-up over the baseline (> 1: faster; the median of the
+            per-round ratios when the providers took turns), the baseline's own row 1.0.
         extra: suite-specific numbers (bandwidth, Multiply-Adds ratios, ...), JSON-serialisable.
     """
 
