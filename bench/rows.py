@@ -145,7 +145,8 @@ def _markdown(suite: str, env: dict, rows: Sequence[Row], extra_columns: Sequenc
     if notes:
         text += [notes.strip(), ""]
     text += ["Median and inter-quartile range of one call; vs baseline = the baseline's time / the row's "
-             "(> 1: faster).", "", markdown_table(rows, extra_columns), ""]
+             "(> 1: faster), the median of the per-round ratios where the providers took turns.", "",
+             markdown_table(rows, extra_columns), ""]
     return "\n".join(text)
 
 
