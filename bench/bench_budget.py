@@ -6,7 +6,7 @@ not depend on the pixels), one batch size B (default 64), the same device and th
 
 - ``all_steps`` (the baseline): ``net.anytime_predict(images, batch_size=B)``, every image through all T
   steps (what the reference does before simulating early exit);
-- ``budgeted p=K``: ``net.budgeted_predict(images, thresholds, batch_size=B)`` (gfnet.engine: exited
+- ``budgeted p=K``: ``gfnet.engine.budgeted_predict(net, images, thresholds, batch_size=B)`` (exited
   images leave, new ones take their slots, every step runs on a full batch until the stream ends) at
   budget points p (q = p/20, exit proportions ~ q^k, thresholds fitted with gfnet.budget.find_thresholds
   on a separate set of N "training" images), plus ``budgeted none`` (thresholds 1e8: nobody exits early),
@@ -77,7 +77,7 @@ def run(device=None, quick: bool = False, threads=None, arch: str = "mobilenetv3
 def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images, points, repeats, dtype,
          seed) -> list:
     from gfnet import budget, build_model
-    from gfnet.engine import step_flops
+    from gfnet.engine import budgeted_predict, step_flops
 
     batch_size = batch_size or (32 if quick else 64)
     image_size = image_size or (96 if quick else 224)
@@ -102,7 +102,7 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
     val_probs = net.anytime_predict(images, batch_size=batch_size, dtype=dtype).probs.cpu()  # the baseline's output
 
     def budgeted(key):
-        return net.budgeted_predict(images, thresholds[key], batch_size=batch_size, dtype=dtype, flops=flops)
+        return budgeted_predict(net, images, thresholds[key], batch_size=batch_size, dtype=dtype, flops=flops)
 
     outputs = {key: budgeted(key) for key in thresholds}  # also the warm-up of every batch shape
     agree = {key: _check_exits(key, out, val_probs, thresholds[key]) for key, out in outputs.items()}

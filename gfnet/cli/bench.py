@@ -21,6 +21,7 @@ SUITES = {
     "data": "gfnet.bench.bench_data",
     "budget": "gfnet.bench.bench_budget",
     "train": "gfnet.bench.bench_train",
+    "eval": "gfnet.bench.bench_eval",  # distributed evaluation against the number of torchrun processes
 }
 
 
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpucheck"]:  # a command of its own: checks with pass/fail, not timing rows
+        from gfnet.bench.gpucheck import main as gpucheck
+
+        return gpucheck(argv[1:])
     args = _parser().parse_args(argv)
     from gfnet.bench.common import resolve_device
     from gfnet.bench.rows import check_writable, environment, markdown_table, write_results
