@@ -1,175 +1,119 @@
-"""Images/s of the val and train input pipelines: DALI against the torchvision DataLoader.
+"""Images/s of the val and train input pipelines: DALI against the torchvision DataLoader (the baseline).
 
 One setup is shared by both providers: the same ImageNet-sized JPEGs (about 500x375, quality 90,
 written by gfnet.data.make_sample_tree into a temporary folder), the same batch size, output size and
-float output, and the same CPU budget (DALI's num_threads = the DataLoader's num_workers). Each
-(pipeline, backend) pair runs one warm-up epoch (page cache, index cache, pipeline start), then
-`repeats` timed epochs (the DataLoader keeps its workers between epochs; DALI builds an epoch's
-pipeline in about 10 ms). Reported: median images/s over the epochs with the min and max, and the
-median of the per-epoch ratios DALI / torchvision (epochs alternate between the two providers).
-
-    python bench/bench_data.py [--device cuda] [--quick] [--images 512] [--json out.json] [--md out.md]
-
-`run(device=None, quick=False)` returns the rows (stamped by gfnet.bench.common.environment, plus the
-CPU model, DALI/torchvision/Pillow versions and the load average: the machine may be shared);
-``gfnet-bench data`` calls it.
+float output, and the same CPU budget (DALI's num_threads = the DataLoader's num_workers = ``threads``).
+Before timing, one epoch of each provider is read in lockstep and compared (below); that epoch also warms
+the page cache, the index cache and the pipelines. Then the providers take turns, ``repeats`` rounds of
+one epoch each (the DataLoader keeps its workers between epochs; DALI builds an epoch's pipeline in about
+10 ms); the speed-up is the median of the per-round ratios. Run: ``gfnet-bench data [--quick] [--threads 2]``.
 """
 from __future__ import annotations
 
-import argparse
+import collections
 import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 
 import torch
 
-from gfnet.bench.common import environment, resolve_device, write_outputs
+from gfnet.bench.common import OutputMismatch, check_close, make_rows, measure, resolve_device, use_threads
+from gfnet.data import IMAGENET_STD
 
 PROVIDERS = ("torchvision", "dali")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({_cpus()} CPUs usable)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({_cpus()} CPUs usable)"
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+BASELINE = "torchvision"
+#: Val pipelines decode with the same libjpeg-turbo and crop with the same geometry; only resampling
+#: arithmetic differs (PIL rounds to 8 bits between its passes, DALI stays in float): at most about one
+#: uint8 level in the tests (tests/test_data.py), two levels here to allow for the float output's
+#: normalisation of DALI's unrounded values. Train pipelines draw their random crops with each backend's
+#: own generator: only their labels (the same planned batches) are compared.
+VAL_ATOL = 2.0 / 255.0 / min(IMAGENET_STD)
+EXTRA_COLUMNS = ("images", "num_threads")
+NOTES = ("JPEGs ~500x375 q90 per split (train: full batches only), output 224x224 float32 normalised; DALI "
+         "num_threads = DataLoader num_workers (persistent workers).")
 
 
 def _versions() -> dict:
     import PIL
     import torchvision
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "pillow": PIL.__version__}
     try:
         import nvidia.dali
 
-        out["dali"] = nvidia.dali.__version__
+        dali = nvidia.dali.__version__
     except ImportError:
-        out["dali"] = None
-    return out
+        dali = None
+    return {"torchvision": torchvision.__version__, "pillow": PIL.__version__, "dali": dali}
 
 
-def _time_epoch(loader) -> tuple[float, int]:
-    """(epoch seconds, images)."""
-    start = time.perf_counter()
+def _check_epoch(loaders: dict, pipeline: str) -> int:
+    """Read one epoch of both providers in lockstep and compare them (raises OutputMismatch); returns the
+    number of images in the epoch."""
     n = 0
-    for images, labels in loader:
-        n += len(labels)
-    if images.is_cuda:
-        torch.cuda.synchronize(images.device)
-    return time.perf_counter() - start, n
+    base = loaders[BASELINE]
+    for other_name, other in loaders.items():
+        if other_name == BASELINE:
+            continue
+        base.set_epoch(0)
+        other.set_epoch(0)
+        batches = 0
+        for (x0, y0), (x1, y1) in zip(base, other):
+            what = f"data {pipeline}: {other_name} against {BASELINE}, batch {batches}"
+            if not torch.equal(y0.cpu(), y1.cpu()):
+                raise OutputMismatch(f"{what}: the labels differ (the backends must read the same planned batches)")
+            if x0.shape != x1.shape or x0.dtype != x1.dtype:
+                raise OutputMismatch(f"{what}: {tuple(x1.shape)} {x1.dtype} against {tuple(x0.shape)} {x0.dtype}")
+            if pipeline == "val":
+                check_close(what, x1, x0, atol=VAL_ATOL, why="one or two uint8 levels of resampling arithmetic")
+            batches += 1
+            n += len(y0)
+        if batches != len(base) or batches != len(other):
+            raise OutputMismatch(f"data {pipeline}: {other_name} gave {len(other)} batches, {BASELINE} {len(base)}")
+    return n // (len(loaders) - 1)
 
 
-def run(device: str | None = None, quick: bool = False, images: int | None = None, batch_size: int = 64,
-        image_size: int = 224, num_threads: int | None = None, repeats: int | None = None) -> list[dict]:
+def run(device=None, quick: bool = False, threads=None, images=None, batch_size: int = 64, image_size: int = 224,
+        repeats=None) -> list:
     """Time the val and train pipelines of both backends; one row per (pipeline, provider).
-
-    The providers' epochs alternate (torchvision, dali, torchvision, ...), so that other load on a
-    shared machine falls on both alike.
 
     Args:
         device: "cpu" (DALI's CPU pipeline) or "cuda[:k]" (DALI's mixed nvJPEG decoder; the
             DataLoader's batches are copied to the GPU); None: CUDA when present, else the CPU.
-        quick: a smoke run (128 images, one timed epoch).
-        images: images per split (default 512; 128 when quick).
-        num_threads: DALI threads = DataLoader workers (default: the CPUs this process may use).
-        repeats: timed epochs per row (default 5; 1 when quick).
+        quick: 128 images, one timed round.
+        threads: torch threads and DALI threads = DataLoader workers (default: the CPUs usable).
+        images: images per split (default 512). repeats: timed rounds (default 5).
     """
     from gfnet.data import make_loader, make_sample_tree
 
-    dev = resolve_device(device)
+    device = resolve_device(device)
     images = images or (128 if quick else 512)
     repeats = repeats or (1 if quick else 5)
-    num_threads = num_threads or _cpus()
+    num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                              (os.cpu_count() or 1))
     classes = 8
-    common = {**environment(dev), "device_name": _device_name(dev), "suite": "data", "versions": _versions(),
-              "num_threads": num_threads, "batch": batch_size, "image_size": image_size, "dtype": "float32",
-              "load_average_1min": os.getloadavg()[0]}
     rows = []
-    with tempfile.TemporaryDirectory(prefix="gfnet-bench-data-") as root:
+    with use_threads(threads), tempfile.TemporaryDirectory(prefix="gfnet-bench-data-") as root:
         per_class = max(1, images // classes)
         make_sample_tree(root, num_classes=classes, train_per_class=per_class, val_per_class=per_class,
                          photo_size=(500, 375), quality=90, seed=0)
         cache = os.path.join(root, ".cache")
         for pipeline in ("val", "train"):
             loaders = {p: make_loader(root, train=pipeline == "train", batch_size=batch_size, image_size=image_size,
-                                      backend=p, num_threads=num_threads, device=dev, cache_dir=cache)
+                                      backend=p, num_threads=num_threads, device=device, cache_dir=cache)
                        for p in PROVIDERS}
-            for loader in loaders.values():
-                _time_epoch(loader)  # warm-up: page cache, first pipeline build, worker imports
-            rates = {p: [] for p in PROVIDERS}
-            counts = {}
-            for epoch in range(repeats):
-                for p, loader in loaders.items():
-                    loader.set_epoch(epoch + 1)
-                    secs, counts[p] = _time_epoch(loader)
-                    rates[p].append(counts[p] / secs)
-            for p in PROVIDERS:
-                rows.append({**common, "pipeline": pipeline, "provider": p, "images": counts[p], "repeats": repeats,
-                             "images_per_s": statistics.median(rates[p]), "images_per_s_min": min(rates[p]),
-                             "images_per_s_max": max(rates[p]),
-                             "speedup": statistics.median(a / b for a, b in zip(rates[p], rates["torchvision"]))})
-    common["load_average_1min_end"] = os.getloadavg()[0]
-    for row in rows:
-        row["load_average_1min_end"] = common["load_average_1min_end"]
+            count = _check_epoch(loaders, pipeline)
+            epochs = {p: 0 for p in PROVIDERS}
+
+            def epoch(p):
+                epochs[p] += 1
+                loader = loaders[p]
+                loader.set_epoch(epochs[p])
+                last = collections.deque(loader, maxlen=1)  # read the epoch, keep only its last batch
+                if last and last[0][0].is_cuda:
+                    torch.cuda.synchronize(last[0][0].device)
+
+            timings = measure({p: (lambda p=p: epoch(p)) for p in PROVIDERS}, min_run_time=0.0, rounds=repeats)
+            extra = {p: {"pipeline": pipeline, "images": count, "num_threads": num_threads,
+                         "image_size": image_size, "versions": _versions()} for p in PROVIDERS}
+            rows += make_rows("data", f"{pipeline} pipeline", timings, BASELINE, device=device, dtype="float32",
+                              batch=batch_size, items=count, unit="images/s", extra=extra)
     return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    """A table of the rows, with the machine, versions and setup above it."""
-    r0 = rows[0]
-    v = r0["versions"]
-    lines = [f"# Input pipelines: DALI vs the torchvision DataLoader ({r0['device_type']})", "",
-             f"Machine: {r0['device_name']}; device type `{r0['device_type']}`; git {r0['git']}; "
-             f"1-min load average {r0['load_average_1min']:.2f} at the start, {r0['load_average_1min_end']:.2f} "
-             f"at the end",
-             f"Versions: DALI {v['dali']}, torch {v['torch']}, torchvision {v['torchvision']}, "
-             f"Pillow {v['pillow']}, Python {v['python']}",
-             f"Setup: {r0['images']} JPEGs ~500x375 q90 per split (train: full batches only), batch {r0['batch']}, "
-             f"output {r0['image_size']}x{r0['image_size']} float32 normalised; DALI num_threads = DataLoader "
-             f"num_workers = {r0['num_threads']} (persistent workers); after a warm-up epoch, the median of "
-             f"{r0['repeats']} epochs, the providers' epochs alternating; speedup = median of the per-epoch "
-             f"ratios to torchvision",
-             "",
-             "| pipeline | provider | images/s (median) | min-max | speedup |",
-             "|---|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['pipeline']} | {r['provider']} | {r['images_per_s']:.0f} | "
-                     f"{r['images_per_s_min']:.0f}-{r['images_per_s_max']:.0f} | {r['speedup']:.2f}x |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=None, help="cpu or cuda[:k] (default: cuda if present)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--images", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", default=None, help="write the rows here")
-    p.add_argument("--md", default=None, help="write the markdown table here")
-    args = p.parse_args(argv)
-    rows = run(args.device, args.quick, images=args.images, batch_size=args.batch_size,
-               num_threads=args.num_threads, repeats=args.repeats)
-    table = markdown(rows)
-    write_outputs(rows, table, args.json, args.md)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,10 +5,13 @@ and a GFNet checkpoint saved once. Each row launches ``torchrun --nproc-per-node
 users run; gloo on the CPU, NCCL on GPUs) on this module's worker, which runs
 :func:`gfnet.evaluation.evaluate_checkpoint` (eval mode 2 over all K processes) and reports the anytime
 pass over the validation split: its wall-clock (all ranks start after a barrier; the slowest rank's time)
-and the images it read. Rows: ``processes`` K, ``images``, ``seconds`` (median over rounds),
-``images_per_s`` = images / seconds, ``iqr_s``; the start-up of torchrun and the model is not timed.
+and the images it read; the start-up of torchrun and the model is not timed. The baseline is one process.
+The timing runs inside the workers (each rank's wall-clock, synchronised by a barrier), so it cannot go
+through the shared in-process harness; the rows are the same :class:`~gfnet.viz.bench_rows.Row`. Check: the
+anytime accuracies of every process count must equal one process's exactly (the same images, each read once
+over the shards); a mismatch raises :class:`~gfnet.bench.common.OutputMismatch` instead of writing rows.
 
-Run: ``gfnet-bench eval`` or ``python -m gfnet.bench.bench_eval``. On a CPU the K processes share the
+Run: ``gfnet-bench eval [--quick] [--threads T]``. On a CPU the K processes share the
 machine's cores (``threads`` per process, default cores // K), so the row shows what sharding costs or
 gains there; on a GPU machine each process takes its own GPU.
 """
@@ -21,9 +24,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 __all__ = ["run"]
+
+BASELINE = "torchrun x1"
+EXTRA_COLUMNS = ("processes", "images", "images_per_s_summed_over_ranks")
+NOTES = ("Distributed evaluation (eval mode 2) under torchrun, gloo on the CPU: K processes share the machine's "
+         "cores (threads per process in the threads column).")
 
 #: backbone, patch size, T of the checkpoint; quick runs use a cheaper backbone.
 ARCH, QUICK_ARCH = ("mobilenetv3_large_100", 96, 3), ("resnet10t", 32, 3)
@@ -69,21 +76,22 @@ def _launch(processes: int, tree: str, checkpoint: str, device: str, threads: in
         return json.load(f)
 
 
-def run(device=None, quick: bool = False, threads=None, processes=PROCESSES) -> list[dict]:
+def run(device=None, quick: bool = False, threads=None, processes=PROCESSES) -> list:
     """One row per process count: the anytime pass of distributed evaluation, timed.
 
     Args:
         device: "cpu" or "cuda" (default: cuda when present); under torchrun each process takes its own GPU.
         quick: a smaller tree and backbone (smoke run).
         threads: torch threads per process (default: the CPUs this process may use // processes, >= 1).
-        processes: the process counts to measure.
+        processes: the process counts to measure (the first is the baseline).
     Returns:
-        rows: suite, case, provider, processes, images, seconds, iqr_s, images_per_s, speedup (vs 1 process),
-        threads, batch, backbone, and the environment stamp (device, versions, git revision).
+        :class:`~gfnet.viz.bench_rows.Row` per process count; extra: processes, images,
+        images_per_s_summed_over_ranks, backbone, anytime_classification.
     """
     import torch
 
-    from gfnet.bench.common import environment, resolve_device
+    from gfnet.bench.common import OutputMismatch, resolve_device
+    from gfnet.viz.bench_rows import Row
 
     dev = resolve_device(device)
     if dev.type == "cuda" and max(processes) > torch.cuda.device_count():
@@ -91,26 +99,32 @@ def run(device=None, quick: bool = False, threads=None, processes=PROCESSES) -> 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     batch = 8 if quick else 16
     rounds = 2 if quick else 3
-    rows = []
+    measured = []
     with tempfile.TemporaryDirectory(prefix="gfnet-bench-eval-") as folder:
         tree, checkpoint, _ = _setup(folder, quick)
         arch = (QUICK_ARCH if quick else ARCH)[0]
         for k in processes:
             per_process = threads or max(1, cores // k)
             got = _launch(k, tree, checkpoint, dev.type, per_process, batch, rounds, os.path.join(folder, f"{k}.json"))
-            seconds = statistics.median(got["seconds"])
-            q = statistics.quantiles(got["seconds"], n=4) if len(got["seconds"]) >= 2 else [seconds] * 3
-            env = environment(dev)
-            if dev.type == "cpu":
-                env["device"] = f"{env['device'].split(' CPU')[0]} CPU ({cores} cores, {per_process} threads x {k})"
-            rows.append({"suite": "eval", "case": f"anytime pass, eval mode 2, {arch}", "provider": f"torchrun x{k}",
-                         "processes": k, "images": got["images"], "seconds": seconds, "median_s": seconds,
-                         "iqr_s": q[2] - q[0], "images_per_s": got["images"] / seconds,
-                         "images_per_s_summed_over_ranks": statistics.median(got["summed_images_per_s"]),
-                         "threads": per_process, "batch": batch, "backbone": arch, **env})
-    base = rows[0]["images_per_s"] if rows else None
-    for r in rows:
-        r["speedup"] = r["images_per_s"] / base
+            if measured and got["anytime_classification"] != measured[0][2]["anytime_classification"]:
+                raise OutputMismatch(f"eval: torchrun x{k} gives anytime accuracies {got['anytime_classification']}, "
+                                     f"{BASELINE} {measured[0][2]['anytime_classification']}: the shards must read "
+                                     "every image once")
+            measured.append((k, per_process, got))
+    rows = []
+    for k, per_process, got in measured:
+        seconds = statistics.median(got["seconds"])
+        q = statistics.quantiles(got["seconds"], n=4) if len(got["seconds"]) >= 2 else [seconds] * 3
+        rows.append(Row(suite="eval", case=f"anytime pass, eval mode 2, {arch}", provider=f"torchrun x{k}",
+                        device=dev.type, dtype="float32", batch=batch,
+                        threads=per_process if dev.type == "cpu" else None,
+                        median_s=seconds, iqr_s=q[2] - q[0], runs=len(got["seconds"]),
+                        throughput=got["images"] / seconds, unit="images/s", baseline=BASELINE, ratio=1.0,
+                        extra={"processes": k, "images": got["images"],
+                               "images_per_s_summed_over_ranks": statistics.median(got["summed_images_per_s"]),
+                               "backbone": arch, "anytime_classification": got["anytime_classification"]}))
+    for r in rows:  # the worker's rounds are not interleaved across process counts: ratio of medians
+        r.ratio = r.throughput / rows[0].throughput
     return rows
 
 
@@ -134,22 +148,14 @@ def _worker(tree: str, checkpoint: str, device: str, threads: str, batch: str, r
                 images = result.num_val
         if ctx.is_main:
             with open(out, "w") as f:
-                json.dump({"seconds": seconds[1:], "summed_images_per_s": summed[1:], "images": images}, f)
+                json.dump({"seconds": seconds[1:], "summed_images_per_s": summed[1:], "images": images,
+                           "anytime_classification": result.anytime_classification}, f)
     finally:
         ctx.close()
     return 0
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--worker"]:
-        return _worker(*argv[1:])
-    start = time.perf_counter()
-    rows = run(quick="--quick" in argv)
-    print(json.dumps(rows, indent=2))
-    print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun's entry point for the workers (``-m gfnet.bench.bench_eval --worker ...``)
+    if sys.argv[1:2] != ["--worker"]:
+        sys.exit("gfnet.bench.bench_eval runs as torchrun's worker; run the suite with `gfnet-bench eval`")
+    sys.exit(_worker(*sys.argv[2:]))

@@ -1,71 +1,142 @@
-"""What every benchmark suite shares: the environment stamp of a result row and a timer."""
+"""The one timing harness of every benchmark suite, and the checks that run before it.
+
+- :func:`measure`: median and inter-quartile range of each provider's call, timed with
+  ``torch.utils.benchmark.Timer.blocked_autorange`` (which warms up, picks a block size so that timer
+  overhead is negligible, and synchronises the accelerator around every block), in ``rounds``
+  interleaved rounds: a shared machine's slow spell then hits every provider alike, and
+  :func:`paired_ratios` compares providers round by round.
+- :func:`make_rows`: the :class:`~gfnet.bench.rows.Row` of each provider of one case.
+- :func:`check_close` / :class:`OutputMismatch`: every suite compares each provider's output with its
+  baseline's *before* timing; a benchmark of a wrong answer is worthless.
+- :func:`use_threads`: the ``--threads`` of every suite (torch's CPU thread pool, restored afterwards).
+"""
 from __future__ import annotations
 
-import platform
+import contextlib
 import statistics
-import subprocess
-import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
+import torch.utils.benchmark as benchmark
 
-__all__ = ["environment", "resolve_device", "time_call"]
+from gfnet.bench.rows import Row
+
+__all__ = ["Timing", "OutputMismatch", "resolve_device", "use_threads", "measure", "paired_ratios",
+           "make_rows", "check_close"]
 
 
-def resolve_device(device: Optional[str] = None) -> torch.device:
+class OutputMismatch(AssertionError):
+    """A provider's output differs from its baseline's beyond the suite's stated tolerance."""
+
+
+@dataclass
+class Timing:
+    """One provider's measurement.
+
+    median_s, iqr_s: of one call over all rounds (seconds). runs: timed blocks (a block averages
+    ``number`` calls when one call is shorter than the timer can resolve well). round_medians: the
+    median of each round, for paired comparisons. times: every block's per-call time.
+    """
+
+    median_s: float
+    iqr_s: float
+    runs: int
+    round_medians: list
+    times: list
+
+
+def resolve_device(device=None) -> torch.device:
     """The device to measure on: the one asked for, else CUDA when present, else the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
 
 
-def _git_revision() -> str:
+@contextlib.contextmanager
+def use_threads(threads: Optional[int]) -> Iterator[int]:
+    """Run the block with ``threads`` torch CPU threads (None: leave torch's setting); yields the count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=__file__.rsplit("/", 1)[0]).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
-def environment(device: torch.device) -> dict:
-    """Device name, library versions, thread count and git revision: stamped on every result row."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
-    return {"device": name, "device_type": device.type, "torch": torch.__version__,
-            "python": platform.python_version(), "git": _git_revision()}
+def measure(fns: Mapping[str, Callable[[], object]], min_run_time: float, rounds: int = 1) -> dict:
+    """Time each provider's call with ``torch.utils.benchmark.Timer.blocked_autorange``.
 
-
-def time_call(fn: Callable[[], object], device: torch.device, min_time: float = 1.0,
-              min_runs: int = 3, warmup: int = 1) -> dict:
-    """Median and spread (inter-quartile range) of ``fn()``'s wall time, in seconds.
-
-    CUDA work is synchronised around every call so that the time is the device's, not the launch's.
+    Args:
+        fns: provider name -> a callable doing one call (the same work for every provider).
+        min_run_time: seconds of timed calls per provider and round (0: one warm-up and one timed call,
+            for calls that take seconds).
+        rounds: the providers take turns ``rounds`` times (round-robin), each turn a blocked_autorange.
+    Returns:
+        provider -> :class:`Timing`.
     """
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "runs": len(times)}
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    threads = torch.get_num_threads()
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads)
+              for name, fn in fns.items()}
+    per_round: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            per_round[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    out = {}
+    for name, measurements in per_round.items():
+        (merged,) = benchmark.Measurement.merge(measurements)
+        out[name] = Timing(merged.median, merged.iqr, len(merged.times), [m.median for m in measurements],
+                           list(merged.times))
+    return out
 
 
-def write_outputs(rows: list, table: str, json_path: Optional[str] = None, md_path: Optional[str] = None) -> None:
-    """Print a suite's table and write its rows (JSON) and table (markdown) where asked."""
-    import json
+def paired_ratios(timings: Mapping[str, Timing], baseline: str) -> dict:
+    """provider -> speed-up over ``baseline``: the median over rounds of (baseline's round median /
+    the provider's round median). Pairing by round cancels a load swing that spans one round."""
+    base = timings[baseline].round_medians
+    return {name: statistics.median(b / t for b, t in zip(base, timing.round_medians))
+            for name, timing in timings.items()}
 
-    print(table)
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(rows, fh, indent=1)
-    if md_path:
-        with open(md_path, "w") as fh:
-            fh.write(table)
+
+def make_rows(suite: str, case: str, timings: Mapping[str, Timing], baseline: str, *, device: torch.device,
+              dtype: str, batch: int, items: int, unit: str, extra: Optional[Mapping[str, dict]] = None,
+              providers: Optional[Mapping[str, str]] = None) -> list:
+    """The rows of one case, in the providers' order.
+
+    Args:
+        items: work items per call (images, patches) for the throughput ``items / median_s`` in ``unit``.
+        extra: provider -> suite-specific fields. providers: provider -> the name to show (default: itself).
+    """
+    ratios = paired_ratios(timings, baseline)
+    shown = providers or {}
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    return [Row(suite=suite, case=case, provider=shown.get(name, name), device=device.type, dtype=dtype,
+                batch=batch, threads=threads, median_s=t.median_s, iqr_s=t.iqr_s, runs=t.runs,
+                throughput=items / t.median_s, unit=unit, baseline=shown.get(baseline, baseline),
+                ratio=ratios[name], extra=dict((extra or {}).get(name, {})))
+            for name, t in timings.items()]
+
+
+def check_close(what: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float = 0.0,
+                why: str = "") -> float:
+    """Raise :class:`OutputMismatch` unless ``|out - ref| <= atol + rtol * |ref|`` everywhere.
+
+    Args:
+        what: "provider X against baseline Y on case Z", for the message. why: the tolerance's reason.
+    Returns:
+        the largest absolute difference (for the record).
+    """
+    if out.shape != ref.shape:
+        raise OutputMismatch(f"{what}: shape {tuple(out.shape)} against {tuple(ref.shape)}")
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (out - ref).abs()
+    bad = diff > atol + rtol * ref.abs()
+    if bool(bad.any()):
+        raise OutputMismatch(f"{what}: {int(bad.sum())} of {bad.numel()} values differ beyond atol={atol:g}, "
+                             f"rtol={rtol:g} (largest difference {float(diff.max()):.3g}){'; ' + why if why else ''}")
+    return float(diff.max()) if diff.numel() else 0.0

@@ -368,13 +368,17 @@ def check_second_gpu(ctx: Context) -> dict:
 def _bench_check(suite: str) -> Callable[[Context], dict]:
     def check(ctx: Context) -> dict:
         import importlib
-        rows = importlib.import_module(f"gfnet.bench.bench_{suite}").run(device=str(ctx.device), quick=True)
-        rows = [asdict(r) if hasattr(r, "__dataclass_fields__") else r for r in rows]
-        path = os.path.join(ctx.out_dir, f"bench_{suite}_{ctx.device.type}.json")
-        with open(path, "w") as fh:
-            json.dump(rows, fh, indent=1, default=str)
-        return {"rows": len(rows), "file": os.path.basename(path)}
-    check.__doc__ = f"The quick variant of the {suite} benchmark suite (rows written beside the report)."
+
+        from gfnet.bench.rows import environment as stamp
+        from gfnet.bench.rows import write_results
+        module = importlib.import_module(f"gfnet.bench.bench_{suite}")
+        rows = module.run(device=str(ctx.device), quick=True)
+        env = stamp(ctx.device, note="gfnet-bench gpucheck, quick variant" + (" (dry run)" if ctx.dry_run else ""))
+        paths = write_results(os.path.join(ctx.out_dir, "bench"), suite, env, rows,
+                              getattr(module, "EXTRA_COLUMNS", ()), getattr(module, "NOTES", ""))
+        return {"rows": len(rows), "file": os.path.relpath(paths["md"], ctx.out_dir),
+                "ratios": {f"{r.case} / {r.provider}": round(r.ratio, 3) for r in rows}}
+    check.__doc__ = f"The quick variant of the {suite} benchmark suite (tables written beside the report)."
     return check
 
 

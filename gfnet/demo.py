@@ -9,10 +9,12 @@ the glance to the focus steps, and a learned policy should beat random patch pos
 
 :func:`run_demo` builds the task, trains a small timm backbone through stages 1-3 with
 :class:`gfnet.train.Trainer`, evaluates anytime accuracy with the learned policy and with random patch
-positions, fits budgeted-classification thresholds (:mod:`gfnet.budget`) and writes a report folder:
-``gfnet_demo.pth.tar`` (reference format, evaluation fields filled), ``results.json``, ``budget_curve.png``
-and ``patches.png`` (through :mod:`gfnet.viz` when it is installed), ``demo.log`` and each stage's
-checkpoints and ``train.log`` under ``stage1/``, ``stage2/``, ``stage3/``.
+positions, fits budgeted-classification thresholds (:mod:`gfnet.budget`) and writes the folder that
+``gfnet-viz report`` reads, with the file names :mod:`gfnet.viz.report` defines: the checkpoint
+(``checkpoint.pth.tar``, reference format, evaluation fields filled), ``results.json``, the images to draw
+(``samples.pt``), and the report's pictures (``patches.png``, ``budget_curve.png``, drawn by
+:func:`gfnet.viz.render_report` itself); plus ``demo.log`` and each stage's checkpoints and ``train.log``
+under ``stage1/``, ``stage2/``, ``stage3/``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import gfnet
-from gfnet.train import TensorLoader, TrainOptions, Trainer
+from gfnet import budget
+from gfnet.train import TensorLoader, Trainer, TrainOptions
+from gfnet.viz.report import CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE, render_report
 
 __all__ = ["DemoConfig", "QUICK", "ClutteredDigitsLoader", "make_cluttered_digits", "digit_patch_actions",
            "pretrain_encoders", "anytime_accuracy", "run_demo"]
@@ -110,7 +114,7 @@ def make_cluttered_digits(n: int, split: str = "train", canvas: int = 128, digit
     span = canvas - digit_size + 1
     boxes = torch.randint(span, (n, 2), generator=g)
     half = digit_size // 2
-    for k in range(fragments):
+    for _ in range(fragments):
         other = torch.randint(len(src_labels), (n,), generator=g)
         quarter = torch.randint(2, (n, 2), generator=g) * half
         pos = torch.randint(canvas - half + 1, (n, 2), generator=g)
@@ -139,7 +143,7 @@ class ClutteredDigitsLoader:
     epoch's (images, labels, boxes).
     """
 
-    def __init__(self, n: int, config: "DemoConfig", batch_size: int, seed: int = 0, epoch_offset: int = 0):
+    def __init__(self, n: int, config: DemoConfig, batch_size: int, seed: int = 0, epoch_offset: int = 0):
         self.n, self.config, self.batch_size, self.seed = n, config, batch_size, seed
         self.epoch, self.epoch_offset = 0, epoch_offset
         self._cache = None
@@ -239,36 +243,16 @@ def anytime_accuracy(net, images: torch.Tensor, labels: torch.Tensor, policy: st
     return acc, probs, actions
 
 
-def _budget(net, train_probs, train_labels, test_probs, test_labels) -> Optional[dict]:
-    try:
-        from gfnet import budget
-    except ImportError as e:  # the budget module comes from another part of the project
-        log.warning("gfnet.budget is not available (%s): skipping budgeted classification", e)
-        return None
-    thresholds, acc, flops = budget.budget_curve(train_probs, train_labels, test_probs, test_labels,
-                                                 net.meta["flops"])
-    return {"thresholds": thresholds, "acc": acc, "flops": flops}
+def _write_json(path: str, obj: dict) -> None:
+    # Atomic: a reader (gfnet-viz report) never sees half a file.
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
-def _plot(out_dir, net, images, labels, actions, probs, checkpoint, results) -> list[str]:
-    try:
-        from gfnet import viz
-    except ImportError as e:
-        msg = f"gfnet.viz is not available ({e}): no figures written"
-        log.warning(msg)
-        results["figures_skipped"] = msg
-        return []
-    written = []
-    path = os.path.join(out_dir, "patches.png")
-    prediction = gfnet.AnytimePrediction(probs[:, :8], actions[:, :8])
-    viz.plot_patches(net, images[:8], path, labels=labels[:8], prediction=prediction,
-                     titles=[f"digit {int(y)}" for y in labels[:8]])
-    written.append(path)
-    if net.meta.get("budgeted_batch_classification") is not None:
-        path = os.path.join(out_dir, "budget_curve.png")
-        viz.plot_budget_curve(checkpoint, path, labels=[f"GFNet demo ({net.arch}, T={net.T})"])
-        written.append(path)
-    return written
+#: Test canvases saved for the report's patch picture.
+REPORT_IMAGES = 8
 
 
 def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = True,
@@ -277,16 +261,16 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = T
 
     The results state (``claims``) whether accuracy after T steps beats the glance and the learned
     policy beats random patch positions, by how much, on held-out digits.
+
+    ``demo.log`` receives the gfnet.demo and gfnet.train records that the application's logging
+    configuration lets through (``gfnet-demo`` lets INFO through; a library never sets logger levels).
     """
     os.makedirs(out_dir, exist_ok=True)
     handler = logging.FileHandler(os.path.join(out_dir, "demo.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    handler.setLevel(logging.INFO)
     loggers = [logging.getLogger("gfnet.demo"), logging.getLogger("gfnet.train")]
     for lg in loggers:
         lg.addHandler(handler)
-        if lg.level == logging.NOTSET or lg.level > logging.INFO:
-            lg.setLevel(logging.INFO)
     prev_threads = torch.get_num_threads()
     try:
         return _run_demo(out_dir, config, progress, threads)
@@ -326,22 +310,23 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         histories[stage] = trainer.fit(train_loader, eval_loader)
         log.info("stage %d: %.0f s, %s", stage, time.perf_counter() - t_stage, histories[stage][-1])
     net.eval()
-    learned, test_probs, test_actions = anytime_accuracy(net, test_x, test_y, "learned")
+    learned, test_probs, _ = anytime_accuracy(net, test_x, test_y, "learned")
     rand_acc, _, _ = anytime_accuracy(net, test_x, test_y, "random", seed=c.seed + 1)
     # Thresholds are fitted on training canvases (the reference fits them on training images).
     fit_x, fit_y, _ = train_loader.canvases(0)
     fit_x, fit_y = fit_x[:2000], fit_y[:2000]
     _, train_probs, _ = anytime_accuracy(net, fit_x, fit_y, "learned")
-    budget_result = _budget(net, train_probs, fit_y, test_probs, test_y)
-    meta = {"anytime_classification": learned}
-    if budget_result is not None:
-        meta["dynamic_threshold"] = budget_result["thresholds"]
-        meta["budgeted_batch_classification"] = [budget_result["flops"], budget_result["acc"]]
-    net.meta.update(meta)
-    ckpt = os.path.join(out_dir, "gfnet_demo.pth.tar")
+    thresholds, budget_acc, budget_flops = budget.budget_curve(train_probs, fit_y, test_probs, test_y,
+                                                               net.meta["flops"])
+    net.meta.update({"anytime_classification": learned, "dynamic_threshold": thresholds,
+                     "budgeted_batch_classification": [budget_flops, budget_acc]})
+    ckpt = os.path.join(out_dir, CHECKPOINT_FILE)
     gfnet.save_checkpoint(net, ckpt)
+    torch.save({"images": test_x[:REPORT_IMAGES].contiguous(), "labels": test_y[:REPORT_IMAGES],
+                "class_names": [str(d) for d in range(10)]}, os.path.join(out_dir, SAMPLES_FILE))
     glance, last, last_random = learned[0], learned[-1], rand_acc[-1]
     results = {
+        "label": f"GFNet demo ({net.arch}, T={net.T})",
         "task": {**asdict(c), "train_digits": "80% of sklearn digits", "test_digits": "the other 20%"},
         "anytime_accuracy_learned_policy": learned,
         "anytime_accuracy_random_patches": rand_acc,
@@ -357,15 +342,16 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         "pretraining_train_accuracy": pre_acc,
         "history": {f"stage{k}": v for k, v in histories.items()},
         "checkpoint": ckpt,
+        "budgeted_classification": {"flops": budget_flops, "acc": budget_acc},
     }
-    if budget_result is not None:
-        results["budgeted_classification"] = {"flops": budget_result["flops"], "acc": budget_result["acc"]}
-    results["figures"] = _plot(out_dir, net, test_x, test_y, test_actions, test_probs, ckpt, results)
+    results_path = os.path.join(out_dir, RESULTS_FILE)
+    _write_json(results_path, results)  # the report reads its label
+    report = render_report(out_dir)
+    results["figures"] = [report["patches"], report["budget_curve"]]
     results["seconds"] = time.perf_counter() - t0
     # CPU seconds of all this process's threads: on a shared machine, wall time alone says little.
     results["cpu_seconds"] = time.process_time() - cpu0
     results["threads"] = torch.get_num_threads()
     results["load_average_1min_end"] = os.getloadavg()[0]
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    _write_json(results_path, results)
     return results

@@ -1,11 +1,16 @@
-"""The demo's task and its --quick run end to end."""
+"""The demo's task, its --quick run end to end, its claims against recomputed numbers, and the
+demo -> ``gfnet-viz report`` contract on the demo's real output folder."""
 import json
 import os
 
 import pytest
 import torch
+from PIL import Image
 
+import gfnet
+from gfnet import budget
 from gfnet.demo import QUICK, digit_patch_actions, make_cluttered_digits
+from gfnet.viz.report import BUDGET_CURVE_FILE, CHECKPOINT_FILE, PATCHES_FILE, RESULTS_FILE, SAMPLES_FILE
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +21,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One real ``gfnet-demo --quick`` run shared by the tests below: (folder, results dict)."""
+    from gfnet.cli.demo import main
+
+    prev = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["--out", str(out), "--quick", "--no-progress", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == prev  # the demo restores the caller's thread count
+    return out, json.loads((out / RESULTS_FILE).read_text())
 
 
 def test_cluttered_digits_place_the_digit_at_its_box():
@@ -40,23 +57,63 @@ def test_digit_patch_actions_cover_the_digit():
     assert ((corner <= boxes) & (corner + 24 >= boxes + 12)).all()
 
 
-def test_demo_quick_end_to_end(tmp_path):
-    from gfnet.cli.demo import main
+def test_demo_numbers_and_claims_match_a_recomputation(quick_demo):
+    out, results = quick_demo
+    c = QUICK
+    net = gfnet.load_checkpoint(str(out / CHECKPOINT_FILE)).eval()
+    assert net.T == c.T and net.patch_size == c.patch_size
+    # The held-out canvases again (seeded), through the checkpoint with the model's own anytime path.
+    test_x, test_y, _ = make_cluttered_digits(c.test_images, "test", c.canvas, c.digit_size, c.fragments, c.seed)
+    probs = net.anytime_predict(test_x).probs
+    acc = (probs.argmax(-1) == test_y).double().mean(1).mul(100).tolist()
+    one_image = 100.0 / c.test_images + 1e-9  # a tie broken otherwise flips at most one image
+    assert results["anytime_accuracy_learned_policy"] == pytest.approx(acc, abs=one_image)
+    assert net.meta["anytime_classification"] == results["anytime_accuracy_learned_policy"]
+    glance, last, rand_last = acc[0], acc[-1], results["anytime_accuracy_random_patches"][-1]
+    claims = results["claims"]
+    assert claims["T_steps_beat_glance"] == (last > glance + 10.0)
+    assert claims["learned_policy_beats_random"] == (last > rand_last + 5.0)
+    assert claims["accuracy_after_T_steps_vs_glance"].startswith(
+        f"{results['anytime_accuracy_learned_policy'][-1]:.1f}% vs {results['glance_accuracy']:.1f}%")
+    assert results["glance_accuracy"] == results["anytime_accuracy_learned_policy"][0]
+    # The budgeted curve: the stored thresholds applied to the recomputed probabilities give the stored points.
+    flops_list, acc_list = net.meta["budgeted_batch_classification"]
+    thresholds = torch.as_tensor(net.meta["dynamic_threshold"])
+    assert thresholds.shape == (39, c.T) and len(acc_list) == len(flops_list) == 39
+    for row in (0, 19, 38):
+        a, cost = budget.evaluate(probs, test_y, net.meta["flops"], thresholds[row])
+        assert a == pytest.approx(acc_list[row], abs=one_image)
+        assert cost == pytest.approx(flops_list[row], rel=0.05)
+    # the cumulative Multiply-Adds per step are those of the network in the checkpoint
+    from gfnet.flops import compute_flops
 
-    out = tmp_path / "demo"
-    assert main(["--out", str(out), "--quick", "--no-progress", "--threads", "1"]) == 0
-    assert torch.get_num_threads() == 1  # the demo restores the caller's thread count
-    results = json.loads((out / "results.json").read_text())
-    T = QUICK.T
-    assert len(results["anytime_accuracy_learned_policy"]) == T
-    assert len(results["anytime_accuracy_random_patches"]) == T
-    assert set(results["claims"]) >= {"T_steps_beat_glance", "learned_policy_beats_random"}
-    import gfnet
+    assert results["flops_per_step_cumulative"] == compute_flops(net)["flops"]
 
-    net = gfnet.load_checkpoint(str(out / "gfnet_demo.pth.tar"))
-    assert net.T == T and net.meta["anytime_classification"] == results["anytime_accuracy_learned_policy"]
-    assert len(net.meta["budgeted_batch_classification"][1]) == 39
-    assert tuple(net.meta["dynamic_threshold"].shape) == (39, T)
-    for fig in results["figures"]:
-        assert os.path.getsize(fig) > 0
-    assert (out / "patches.png").exists() and (out / "budget_curve.png").exists()
+
+def test_report_reads_the_real_demo_folder(quick_demo, capsys):
+    from gfnet.cli.viz import main as viz_main
+
+    out, results = quick_demo
+    assert {CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE} <= set(os.listdir(out))
+    # the demo drew its pictures through the report: the same files
+    assert results["figures"] == [str(out / PATCHES_FILE), str(out / BUDGET_CURVE_FILE)]
+    for name in (PATCHES_FILE, BUDGET_CURVE_FILE):
+        os.remove(out / name)
+    assert viz_main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out / PATCHES_FILE), str(out / BUDGET_CURVE_FILE)]
+    samples = torch.load(out / SAMPLES_FILE, weights_only=True)
+    n, S = samples["images"].shape[0], QUICK.canvas
+    k = 256 // S
+    with Image.open(out / PATCHES_FILE) as im:  # 4 columns, rows of S*k pixels plus a caption block each
+        assert im.size[0] >= 10 + 4 * (S * k + 10)
+        assert im.size[1] > 10 + (n // 4) * (S * k + 10)
+    with Image.open(out / BUDGET_CURVE_FILE) as im:
+        assert im.size == (960, 660)
+
+
+def test_report_names_a_folder_that_is_not_a_demo_output(tmp_path, capsys):
+    from gfnet.cli.viz import main as viz_main
+
+    assert viz_main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert CHECKPOINT_FILE in err and "gfnet-demo --out" in err

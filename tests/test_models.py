@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import gfnet
 from gfnet.config import REFERENCE_ARCHS, get_config
@@ -33,8 +35,19 @@ def test_reference_backbone_forward(arch):
     assert not fmap.requires_grad
     out = net.anytime_predict(x)
     assert out.probs.shape == (3, 1, 1000) and out.actions.shape == (2, 1, 2)
-    torch.testing.assert_close(out.probs.sum(-1), torch.ones(3, 1))
-    assert ((out.actions >= 0) & (out.actions <= 1)).all()
+    # The glance, stated independently of gfnet's glance kernel and step code (DESIGN.md): the image resized
+    # to P x P by F.interpolate(align_corners=True) with the table's interpolation, the global encoder, then
+    # the backbone's own head (RegNet, MobileNet-V3, EfficientNet) or the GRU classifier from a zero state
+    # (ResNet, DenseNet; the reference's Full_layer with its rnn and fc).
+    with torch.no_grad():
+        glance = F.interpolate(x, size=(P, P), mode=cfg.prime_interpolation, align_corners=True)
+        pooled0, _ = net.model_prime(glance)
+        if cfg.glance_head == "backbone":
+            logits0 = net.model_prime.head(pooled0)
+        else:
+            hidden, _ = net.fc.rnn(pooled0.unsqueeze(0), torch.zeros(1, 1, net.fc.hidden_dim))
+            logits0 = net.fc.fc(hidden[0])
+    torch.testing.assert_close(out.probs[0], torch.softmax(logits0, 1), rtol=1e-4, atol=1e-6)
 
 
 def test_reference_facts_of_the_table():
@@ -124,15 +137,37 @@ def test_bf16_autocast_and_channels_last_on_cpu():
     torch.testing.assert_close(cl.probs, ref.probs, rtol=1e-4, atol=1e-5)
 
 
-def test_flops_are_cumulative_and_match_the_encoder():
+def test_count_macs_of_a_small_conv_net_counted_by_hand():
+    from gfnet.flops import count_macs
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1, stride=2), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 10))
+    # 16x16 outputs x 8 channels x (3 x 3 x 3) taps; 8x8 outputs x 4 x 8; 256 x 10
+    assert count_macs(net, torch.zeros(1, 3, 16, 16)) == 16 * 16 * 8 * 27 + 8 * 8 * 4 * 8 + 256 * 10
+
+
+def test_flops_of_resnet50_and_mobilenet_gfnets_against_hand_counts():
     from gfnet.flops import compute_flops
 
-    net = gfnet.build_model("resnet50", patch_size=96, T=5)
-    f = compute_flops(net)
-    # torchvision's ResNet-50 is 4.1 GMACs at 224; at 96 the encoder scales by (96/224)^2.
-    assert abs(f["model_flops"] / 4.09e9 - (96 / 224) ** 2) < 0.02
-    steps = [b - a for a, b in zip(f["flops"], f["flops"][1:])]
-    assert all(s == f["model_flops"] + f["policy_flops"] + f["fc_flops"] for s in steps)
+    P, T = 96, 3
+    f = compute_flops(gfnet.build_model("resnet50", patch_size=P, T=T, num_classes=1000))
+    # torchvision's ResNet-50 is 4.09 GMACs at 224 (its model card); at 96 the encoder scales by (96/224)^2.
+    assert abs(f["model_flops"] / 4.09e9 - (P / 224) ** 2) < 0.02
+    state = 2048 * 3 * 3  # C * ceil(P/32)^2
+    policy = state * 2048 + 2048 * 1024 + 3 * 1024 * (1024 + 1024) + 1024 * 2 + 1024 * 1  # MLP, GRU, actor, critic
+    fc = 3 * 1024 * (2048 + 1024) + 1024 * 1000  # GRU(2048 -> 1024) step + Linear(1024, 1000)
+    assert (f["policy_flops"], f["fc_flops"]) == (policy, fc)
+    m = f["model_flops"]
+    assert f["flops"] == [m + fc, 2 * m + policy + 2 * fc, 3 * m + 2 * policy + 3 * fc]
+
+    f = compute_flops(gfnet.build_model("mobilenetv3_large_100", patch_size=P, T=T, num_classes=1000))
+    policy = 3 * 3 * 960 * 32 + 288 * 256 + 3 * 256 * (256 + 256) + 256 * 2 + 256  # conv 1x1 on 3x3, MLP, GRU, heads
+    assert f["policy_flops"] == policy
+    m, head = f["model_flops"], 1280 * 1000  # the glance's prediction: the backbone's classifier
+    # cascade: step k >= 2 applies Linear(k * 1280, 1000); the glance has no cascade layer of its own
+    assert f["fc_flops"] == 3 * 1280 * 1000
+    assert f["flops"] == [m + head, 2 * m + head + policy + 2 * 1280 * 1000,
+                          3 * m + head + 2 * policy + 2 * 1280 * 1000 + 3 * 1280 * 1000]
 
 
 def test_float64_models_run_both_classifier_kinds():

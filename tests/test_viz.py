@@ -12,6 +12,7 @@ import gfnet
 from gfnet import viz
 from gfnet.cli.viz import main as viz_main
 from gfnet.models import AnytimePrediction
+from gfnet.viz.bench_rows import Row
 
 ARCH, P, T, S, CLASSES = "test_efficientnet", 16, 3, 64, 10
 GREY = (128, 128, 128)
@@ -178,6 +179,25 @@ def test_load_images_resizes_shorter_side_and_centre_crops(tmp_path):
         viz.load_images(tmp_path / "missing", 30)
 
 
+def test_load_images_is_the_evaluation_loaders_transform(tmp_path):
+    """The pictures show exactly the pixels the evaluation loader feeds the network: sizes whose resized long
+    side is truncated (55 * 36 / 50 = 39.6 -> 39) and whose crop offsets land on .5."""
+    from gfnet.data import make_loader
+
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate([(55, 50), (57, 50), (50, 63), (41, 70)]):
+        d = tmp_path / "val" / f"c{k}"
+        d.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / "x.png")
+    for interpolation in ("bilinear", "bicubic"):
+        loader = make_loader(tmp_path, False, 8, image_size=32, crop_pct=0.875, interpolation=interpolation,
+                             backend="torchvision", num_threads=0, cache_dir=str(tmp_path / "cache"))
+        expected = torch.cat([x for x, _ in loader])
+        images, files = viz.load_images(tmp_path / "val", 32, crop_pct=0.875, interpolation=interpolation)
+        assert [os.path.relpath(f, tmp_path) for f in files] == [f"val/c{k}/x.png" for k in range(4)]
+        assert torch.equal(images, expected)
+
+
 def test_read_thresholds_forms(tmp_path):
     meta = {"dynamic_threshold": torch.arange(39 * 3, dtype=torch.float32).view(39, 3)}
     assert viz.read_thresholds("19", meta).tolist() == [57.0, 58.0, 59.0]
@@ -229,57 +249,87 @@ def test_budget_curve_from_results_json_and_several_sources(checkpoint, tmp_path
 
 
 # ------------------------------------------------------------------------------------------- bench
-BENCH = {"device": "cpu", "git": "abc123", "rows": [
-    {"suite": "kernels", "provider": "reference", "batch": 64, "median_ms": 10.0, "iqr_ms": 0.5},
-    {"suite": "kernels", "provider": "triton", "batch": 64, "median_ms": 2.0, "iqr_ms": 0.1},
-    {"suite": "kernels", "provider": "reference", "batch": 256, "median_ms": 40.0, "iqr_ms": 1.0},
-    {"suite": "kernels", "provider": "triton", "batch": 256, "median_ms": 5.0, "iqr_ms": 0.2},
-    {"suite": "budget", "provider": "early_exit", "budget": 0.5, "images_per_s": 180.0},
-    {"suite": "budget", "provider": "all_steps", "budget": 0.5, "images_per_s": 100.0, "baseline": True}]}
+def bench_rows():
+    """Rows of two suites as the suites make them (gfnet.bench.rows.Row); two cases in kernels."""
+    def row(suite, case, provider, baseline, median, ratio, unit="patches/s"):
+        return Row(suite=suite, case=case, provider=provider, device="cpu", dtype="uint8 HWC", batch=64, threads=2,
+                   median_s=median, iqr_s=median / 20, runs=5, throughput=64 / median, unit=unit,
+                   baseline=baseline, ratio=ratio, extra={"gbytes_per_s": 1.5})
+    return [row("kernels", "focus_crop P=96", "reference loop", "reference loop", 10e-3, 1.0),
+            row("kernels", "focus_crop P=96", "gfnet (cpp)", "reference loop", 2e-3, 5.0),
+            row("kernels", "glance_resize P=96", "interpolate", "interpolate", 40e-3, 1.0),
+            row("kernels", "glance_resize P=96", "gfnet (cpp)", "interpolate", 5e-3, 8.0),
+            row("budget", "mobilenet", "all_steps", "all_steps", 2.0, 1.0, "images/s"),
+            row("budget", "mobilenet", "budgeted p=5", "all_steps", 1.0, 1.8, "images/s")]
 
 
-def test_bench_speedups_are_relative_to_the_baseline_of_each_case():
-    rows = viz.bench_speedups(viz.read_bench_rows(BENCH))
-    got = {(r.suite, r.provider, r.case): (r.speedup, r.is_baseline) for r in rows}
-    assert got[("kernels", "triton", "batch=64")] == (pytest.approx(5.0), False)
-    assert got[("kernels", "triton", "batch=256")] == (pytest.approx(8.0), False)
-    assert got[("kernels", "reference", "batch=256")] == (pytest.approx(1.0), True)
-    assert got[("budget", "early_exit", "-")] == (pytest.approx(1.8), False)
-    assert got[("budget", "all_steps", "-")][1] is True
-    assert all(r.device == "cpu" for r in rows)
+def write_bench(tmp_path, rows=None):
+    """Write the rows as gfnet-bench does, one file per suite; returns the JSON paths."""
+    from gfnet.bench.rows import write_results
+
+    rows = rows or bench_rows()
+    env = {"device_name": "AMD EPYC", "device_type": "cpu", "cpus": 2, "torch": "2.x", "triton": None,
+           "python": "3.11", "git": "abc123-dirty", "load_average": [1.0, 1.0, 1.0], "note": "test"}
+    paths = []
+    for suite in ("kernels", "budget"):
+        paths.append(write_results(str(tmp_path), suite, env, [r for r in rows if r.suite == suite],
+                                   extra_columns=("gbytes_per_s",))["json"])
+    return paths
 
 
-def test_bench_rows_in_the_suites_own_schema():
-    env = {"device": "x86_64 CPU (2 threads)", "device_type": "cpu", "torch": "2.x", "git": "abc"}
-    anytime = [{"suite": "anytime", "backbone": b, "provider": p, "batch": 32, "T": T_, "image_size": s,
-                "median_s": m, "iqr_s": 0.01, "runs": r, "images_per_s": 32 / m, "speedup_vs_reference": 0.5 / m,
-                **env}
-               for b, T_, s, base in (("resnet50", 5, 224, 0.5), ("efficientnet_b2", 5, 260, 0.8))
-               for p, m, r in (("reference loop (fp32)", base, 3), ("gfnet (fp32)", base / 4, 9))]
-    rows = viz.bench_speedups(anytime)
-    # T and image_size are decided by the backbone; runs and speedup_* are measurements: not the case
-    assert [r.case for r in rows] == ["backbone=resnet50"] * 2 + ["backbone=efficientnet_b2"] * 2
-    assert [r.is_baseline for r in rows] == [True, False, True, False]
-    # the suite's own speedup field wins over the recomputed ratio (here they differ for efficientnet)
-    assert [r.speedup for r in rows] == pytest.approx([1.0, 4.0, 0.625, 2.5])
-    data = [{"suite": "data", "pipeline": pl, "provider": p, "images_per_s": v, "images_per_s_min": v - 1, **env}
-            for pl in ("val", "train") for p, v in (("dali", 300.0), ("torchvision", 100.0))]
-    rows = viz.bench_speedups(data)
-    assert [(r.case, r.provider, r.is_baseline) for r in rows][:2] == [("pipeline=val", "dali", False),
-                                                                        ("pipeline=val", "torchvision", True)]
-    assert [r.speedup for r in rows] == pytest.approx([3.0, 1.0, 3.0, 1.0])
+def test_bench_results_round_trip_and_markdown(tmp_path):
+    from gfnet.bench.rows import read_results
+
+    kernels_json, _ = write_bench(tmp_path)
+    results = read_results(kernels_json)
+    assert results.suite == "kernels" and results.env["git"] == "abc123-dirty"
+    assert results.rows == [r for r in bench_rows() if r.suite == "kernels"]
+    md = (tmp_path / "kernels_cpu.md").read_text()
+    assert "| focus_crop P=96 | gfnet (cpp) | uint8 HWC | 64 | 2 | 2.000 ms | 100.0 us | 5 |" in md
+    assert "reference loop (baseline)" in md and "5.00x" in md and "| 1.5 |" in md
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # atomic writes leave nothing behind
+
+
+def test_bench_reader_refuses_other_formats_by_name(tmp_path):
+    from gfnet.bench.rows import read_results
+
+    old = tmp_path / "old.json"  # the free-form rows the suites wrote before the Row format
+    old.write_text(json.dumps([{"suite": "kernels", "provider": "gfnet", "median_s": 1.0}]))
+    with pytest.raises(ValueError, match="not a gfnet-bench/1 results file.*gfnet-bench SUITE --out-dir"):
+        read_results(str(old))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "gfnet-bench/1", "suite": "x", "env": {}, "rows": [{"suite": "x"}]}))
+    with pytest.raises(ValueError, match="lacks the field"):
+        read_results(str(bad))
 
 
 def test_plot_bench_one_png_per_suite(tmp_path):
-    path = tmp_path / "kernels_run.json"
-    path.write_text(json.dumps(BENCH))
-    written = viz.plot_bench(str(path), tmp_path / "bench.png", dpi=100)
+    paths = write_bench(tmp_path)
+    written = viz.plot_bench(paths, tmp_path / "bench.png", dpi=100)
     assert [os.path.basename(p) for p in written] == ["bench_kernels.png", "bench_budget.png"]
     for p in written:
         with Image.open(p) as im:
             assert im.size[0] == 900 and im.size[1] > 300  # 9 inches wide at 100 dpi, height grows with rows
-    single = viz.plot_bench(BENCH["rows"][:2], tmp_path / "out")  # a folder: <suite>.png
+    single = viz.plot_bench(bench_rows()[:2], tmp_path / "out")  # rows as is, into a folder: <suite>.png
     assert single == [str(tmp_path / "out" / "kernels.png")] and os.path.isfile(single[0])
+
+
+def test_bench_command_checks_the_out_dir_before_running(tmp_path, monkeypatch, capsys):
+    import gfnet.bench.bench_kernels as suite
+    from gfnet.cli.bench import main as bench_main
+
+    def must_not_run(**kwargs):
+        raise AssertionError("the suite ran although its results could not be written")
+
+    monkeypatch.setattr(suite, "run", must_not_run)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder cannot be made under a file, not even by root
+    target = str(blocker / "results")
+    try:  # an OSError naming the folder, or (under a command wrapper that reports errors) exit status != 0
+        rc, message = bench_main(["kernels", "--quick", "--out-dir", target]), capsys.readouterr().err
+    except OSError as e:
+        rc, message = None, str(e)
+    assert rc != 0 and target in message
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -304,25 +354,14 @@ def test_cli_patches_on_a_checkpoint_and_a_folder(checkpoint, tmp_path, capsys):
     assert rc == 2 and "no image file" in capsys.readouterr().err
 
 
-def test_cli_budget_bench_and_report(net, checkpoint, tmp_path):
+def test_cli_budget_and_bench(checkpoint, tmp_path):
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"budgeted_batch_classification": [[1e6, 2e6], [60.0, 70.0]]}))
     assert viz_main(["budget", checkpoint, str(results), "--out", str(tmp_path / "c.svg"),
                      "--baseline", "2.5e6", "71"]) == 0
     assert "<svg" in (tmp_path / "c.svg").read_text()
-    bench = tmp_path / "b.json"
-    bench.write_text(json.dumps(BENCH["rows"]))
-    assert viz_main(["bench", str(bench), "--out", str(tmp_path / "bench")]) == 0
+    paths = write_bench(tmp_path / "results")
+    assert viz_main(["bench", *paths, "--out", str(tmp_path / "bench")]) == 0
     assert sorted(os.listdir(tmp_path / "bench")) == ["budget.png", "kernels.png"]
-
-    demo = tmp_path / "demo"
-    demo.mkdir()
-    gfnet.save_checkpoint(net, str(demo / "checkpoint.pth.tar"), **fake_meta())
-    (demo / "results.json").write_text(json.dumps({"baseline": [2.6e6, 81.0]}))
-    torch.save({"images": grey_images(3, size=48), "labels": torch.tensor([1, 2, 3]),
-                "class_names": [str(i) for i in range(CLASSES)]}, demo / "samples.pt")
-    assert viz_main(["report", str(demo), "--bench", str(bench)]) == 0
-    for name in ("patches.png", "budget_curve.png", "bench_kernels.png", "bench_budget.png"):
-        assert os.path.getsize(demo / name) > 1000, name
-    with Image.open(demo / "patches.png") as im:
-        assert im.size[1] == 10 + 48 * 5 + 4 + 20 * (T + 1) + 10
+    rc = viz_main(["bench", str(tmp_path / "c.svg"), "--out", str(tmp_path / "x")])
+    assert rc == 2

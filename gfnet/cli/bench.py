@@ -1,18 +1,23 @@
-"""``gfnet-bench``: run benchmark suites, print a table, write JSON (and a chart where gfnet.viz can).
+"""``gfnet-bench``: run benchmark suites, print their rows, write JSON + markdown (+ a chart) per suite.
 
-Each suite is a module of bench/ (installed as ``gfnet.bench``) with ``run(device=None, quick=False)``
-returning result rows (dicts stamped with the device, versions and git revision).
+Each suite is a module of bench/ (installed as ``gfnet.bench``) with
+``run(device=None, quick=False, threads=None) -> list[gfnet.viz.bench_rows.Row]``, an optional ``NOTES``
+text and ``EXTRA_COLUMNS`` (the row ``extra`` fields its markdown table shows). Every suite checks its
+providers' outputs against its baseline before timing. The format is :mod:`gfnet.viz.bench_rows`, the
+writer :mod:`gfnet.bench.rows`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
 
-from gfnet.cli._errors import UsageError, parse_device, prepare_output_dir, run_command
+from gfnet.cli._errors import UsageError, parse_device, positive_int, prepare_output_dir, run_command
 
+#: The registered suites: name -> module (a new suite, e.g. a GPU check, adds one line here).
 SUITES = {
     "anytime": "gfnet.bench.bench_anytime",
     "kernels": "gfnet.bench.bench_kernels",
@@ -22,38 +27,40 @@ SUITES = {
     "eval": "gfnet.bench.bench_eval",  # distributed evaluation against the number of torchrun processes
 }
 
-# Columns shown first when present; the JSON keeps every field.
-_COLUMNS = ["backbone", "op", "pipeline", "budget", "stage", "provider", "batch", "dtype", "median_s", "iqr_s",
-            "images_per_s", "patches_per_s", "gbytes_per_s", "speedup_vs_reference", "speedup"]
 
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table of the rows' common columns."""
-    if not rows:
-        return "(no rows)"
-    cols = [c for c in _COLUMNS if any(c in r for r in rows)]
-
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def run_suite(name: str, device=None, quick=False) -> list[dict]:
-    """Run one suite by name (see SUITES) and return its rows."""
+def load_suite(name: str):
+    """The module of suite ``name`` (see SUITES)."""
     if name not in SUITES:
         raise UsageError(f"unknown suite {name!r}; choose from {', '.join(SUITES)} or 'all'")
     try:
-        module = importlib.import_module(SUITES[name])
+        return importlib.import_module(SUITES[name])
     except ModuleNotFoundError as e:
-        raise ImportError(f"suite {name!r} is not available in this installation ({e})") from e
-    return module.run(device=device, quick=quick)
+        raise ImportError(f"suite {name!r} is not available in this installation ({e}); install gfnet with its "
+                          "bench/ folder (`pip install -e .` from the repository)") from e
+
+
+def run_suite(name: str, device=None, quick: bool = False, threads=None) -> list:
+    """Run one suite by name and return its rows (:class:`gfnet.viz.bench_rows.Row`)."""
+    return load_suite(name).run(device=device, quick=quick, threads=threads)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gfnet-bench", description=__doc__.splitlines()[0])
+    p.add_argument("suites", nargs="*", default=["anytime"],
+                   help=f"suites to run ({', '.join(SUITES)}, or 'all'); default: anytime")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    p.add_argument("--quick", action="store_true", help="small sizes and short timing (each suite < ~1 minute)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads for every suite (data: also loader workers); default: torch's setting")
+    p.add_argument("--compile", action="store_true",
+                   help="anytime and train suites: also the torch.compile modes (compiled fp32, compiled bf16)")
+    p.add_argument("--out-dir", default=None,
+                   help="write <suite>_<device>.json, .md and .png here (checked writable before running)")
+    p.add_argument("--note", default=None,
+                   help="the machine's state, stamped on the results (e.g. '2-core CPU dev machine')")
+    p.add_argument("--no-chart", action="store_true", help="with --out-dir: skip the PNG chart")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    return p
 
 
 def main(argv=None) -> int:
@@ -62,64 +69,47 @@ def main(argv=None) -> int:
         from gfnet.bench.gpucheck import main as gpucheck
 
         return gpucheck(argv[1:])
-    parser = argparse.ArgumentParser(prog="gfnet-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suites", nargs="*", default=["anytime"],
-                        help=f"suites to run ({', '.join(SUITES)}, or 'all'); default: anytime")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter timing (smoke run)")
-    parser.add_argument("--out-dir", default=None,
-                        help="write <suite>_<device>.json (and a PNG chart) here; default: print only")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     return run_command("gfnet-bench", lambda: _bench(args))
 
 
 def _bench(args) -> int:
-    suites = list(SUITES) if args.suites == ["all"] else args.suites
-    unknown = [name for name in suites if name not in SUITES]
+    from gfnet.bench.common import resolve_device
+    from gfnet.bench.rows import check_writable, environment, markdown_table, write_results
+
+    names = list(SUITES) if args.suites == ["all"] else args.suites
+    unknown = [name for name in names if name not in SUITES]
     if unknown:
         raise UsageError(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)} or 'all'")
+    modules = {name: load_suite(name) for name in names}  # a suite missing from this install fails before any runs
     parse_device(args.device)
-    if args.out_dir:  # before the suites run: a bad --out-dir must not cost a whole benchmark
+    if args.out_dir:  # fail now, not after minutes of measurement
         prepare_output_dir(args.out_dir, "--out-dir")
-    for name in suites:
-        rows = run_suite(name, device=args.device, quick=args.quick)
+        check_writable(args.out_dir)
+    device = resolve_device(args.device)
+    # Stamped once, before anything is written: results written by an earlier suite of this command must
+    # not make the checkout look modified ("-dirty") to the next one.
+    stamp = environment(device, note=args.note)
+    for name, module in modules.items():
+        env = {**stamp, "load_average": [round(v, 2) for v in os.getloadavg()]}
+        kwargs = {"compile": True} if args.compile and "compile" in inspect.signature(module.run).parameters else {}
+        rows = module.run(device=str(device), quick=args.quick, threads=args.threads, **kwargs)
+        env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        extra_columns = getattr(module, "EXTRA_COLUMNS", ())
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print(json.dumps({"suite": name, "env": env, "rows": [r.to_dict() for r in rows]}, indent=1))
         else:
-            print(f"\n== {name} ({rows[0]['device'] if rows else '?'}) ==")
-            print(format_table(rows))
+            print(f"\n== {name}: {env['device_name']}, git {env['git']} ==")
+            print(markdown_table(rows, extra_columns))
         if args.out_dir:
-            tag = rows[0].get("device_type", "cpu") if rows else "cpu"
-            path = os.path.join(args.out_dir, f"{name}_{tag}.json")
-            _write_json(rows, path)
-            print(f"wrote {path}")
-            try:
-                from gfnet.viz import plot_bench
-            except ImportError:
-                continue
-            png = os.path.splitext(path)[0] + ".png"
-            plot_bench(rows, png)
-            print(f"wrote {png}")
+            paths = write_results(args.out_dir, name, env, rows, extra_columns, getattr(module, "NOTES", ""))
+            print(f"wrote {paths['json']} and {paths['md']}")
+            if not args.no_chart:
+                from gfnet.viz.bench_charts import plot_bench
+
+                for png in plot_bench(paths["json"], os.path.splitext(paths["json"])[0] + ".png"):
+                    print(f"wrote {png}")
     return 0
-
-
-def _write_json(rows: list, path: str) -> None:
-    # Through a temporary file named as gfnet.checkpoint.atomic_save names its own (so that a later save
-    # removes it if this process is killed): a full disk leaves the previous results, not half a file.
-    from gfnet.checkpoint import _host_tag, remove_stale_temps
-
-    folder, name = os.path.split(os.path.abspath(path))
-    remove_stale_temps(folder)
-    tmp = os.path.join(folder, f".{name}.{_host_tag()}-{os.getpid()}.json.gfnet-tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":
