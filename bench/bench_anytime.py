@@ -8,6 +8,9 @@ same pixels before normalisation); the providers take turns in three rounds. Run
 """
 from __future__ import annotations
 
+import copy
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +27,7 @@ BASELINE = "reference loop (fp32)"
 #: legitimately see other pixels.
 FP32_RTOL, FP32_ATOL = 1e-4, 1e-6
 AMP_RTOL, AMP_ATOL = 0.1, 1e-4
+EXTRA_COLUMNS = ("compile_s",)  # seconds of the first (compiling) call, for the compiled modes
 NOTES = ("Batch of random pixels through randomly initialised networks (the cost of a step does not depend on "
          "the pixels); P=96, T=5 (MobileNet-V3: T=3).")
 
@@ -53,14 +57,16 @@ def reference_loop_anytime(net, images):
     return torch.stack(probs)
 
 
-def run(device=None, quick: bool = False, threads=None, batch_size=None, backbones=None) -> list:
-    """One row per (backbone, provider). quick: batch 8, two backbones, short timing."""
+def run(device=None, quick: bool = False, threads=None, batch_size=None, backbones=None,
+        compile: bool = False) -> list:
+    """One row per (backbone, provider). quick: batch 8, two backbones, short timing. compile: also the
+    modes eager bf16, compiled fp32 and compiled bf16 (:meth:`GFNet.compile`), compilation timed apart."""
     device = resolve_device(device)
     with use_threads(threads):
-        return _run(device, quick, batch_size, backbones)
+        return _run(device, quick, batch_size, backbones, compile)
 
 
-def _run(device, quick, batch_size, backbones) -> list:
+def _run(device, quick, batch_size, backbones, compile=False) -> list:
     batch = batch_size or (256 if device.type == "cuda" else (8 if quick else 32))
     rows = []
     for arch in backbones or (QUICK_BACKBONES if quick else BACKBONES):
@@ -78,10 +84,22 @@ def _run(device, quick, batch_size, backbones) -> list:
             "gfnet (uint8 in, fp32)": lambda: net.anytime_predict(uint8).probs,
         }
         amp = []
-        if device.type == "cuda":
+        if device.type == "cuda" or compile:
             providers["gfnet (bf16 autocast)"] = lambda: net.anytime_predict(images, dtype="bf16").probs
+            amp.append("gfnet (bf16 autocast)")
+        if device.type == "cuda":
             providers["gfnet (fp16 autocast)"] = lambda: net.anytime_predict(images, dtype="fp16").probs
-            amp = ["gfnet (bf16 autocast)", "gfnet (fp16 autocast)"]
+            amp.append("gfnet (fp16 autocast)")
+        compile_s = {}
+        if compile:
+            compiled = copy.deepcopy(net).compile()
+            providers["gfnet compiled (fp32)"] = lambda: compiled.anytime_predict(images).probs
+            providers["gfnet compiled (bf16 autocast)"] = lambda: compiled.anytime_predict(images, dtype="bf16").probs
+            amp.append("gfnet compiled (bf16 autocast)")
+            for name in ("gfnet compiled (fp32)", "gfnet compiled (bf16 autocast)"):
+                start = time.perf_counter()
+                providers[name]()  # the first call compiles: timed apart from the throughput
+                compile_s[name] = time.perf_counter() - start
         ref = providers[BASELINE]()
         for name, fn in providers.items():
             what = f"anytime {arch}: {name} against {BASELINE}"
@@ -92,10 +110,11 @@ def _run(device, quick, batch_size, backbones) -> list:
         # Three interleaved rounds: a load spike of a shared machine then hits one round of every provider,
         # and the speed-ups (medians of per-round ratios) stay put.
         timings = measure(providers, min_run_time=0.3 if quick else 0.7, rounds=1 if quick else 3)
-        extra = {name: {"backbone": arch, "patch_size": net.patch_size, "T": net.T, "image_size": S}
-                 for name in providers}
+        extra = {name: {"backbone": arch, "patch_size": net.patch_size, "T": net.T, "image_size": S,
+                        "compile_s": compile_s.get(name)} for name in providers}
         dtypes = {name: ("bf16 autocast" if "bf16" in name else "fp16 autocast" if "fp16" in name
-                         else "uint8 in, fp32" if "uint8" in name else "float32") for name in providers}
+                         else "uint8 in, fp32" if "uint8" in name else "float32")
+                  + (", compiled" if "compiled" in name else "") for name in providers}
         for row in make_rows("anytime", f"{arch} S={S} P={net.patch_size} T={net.T}", timings, BASELINE,
                              device=device, dtype="float32", batch=batch, items=batch, unit="images/s",
                              extra=extra):

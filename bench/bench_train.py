@@ -23,6 +23,7 @@ Run: ``gfnet-bench train [--quick] [--threads 2]``.
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,10 @@ PROVIDERS = ("reference-fp32", "gfnet-fp32", "gfnet-bf16")
 BASELINE = "reference-fp32"
 #: Relative tolerance of the first step's loss against the reference's: fp32 differs only by summation order
 #: (fused glance taps, normalisation in the kernel); bf16 autocast keeps 8 mantissa bits through the encoders.
-LOSS_RTOL = {"gfnet-fp32": 1e-4, "gfnet-bf16": 5e-2}
-EXTRA_COLUMNS = ("stage", "loss", "reference_loss")
+LOSS_RTOL = {"gfnet-fp32": 1e-4, "gfnet-bf16": 5e-2, "gfnet-fp32-compiled": 1e-4, "gfnet-bf16-compiled": 5e-2}
+#: With compile=True (gfnet-bench train --compile): the same steps with the encoders under torch.compile.
+COMPILED = ("gfnet-fp32-compiled", "gfnet-bf16-compiled")
+EXTRA_COLUMNS = ("stage", "loss", "reference_loss", "compile_s")
 NOTES = ("A whole optimisation step (forward of all T steps, backward, SGD). On a CPU the step is compute-bound: "
          "the reference's per-sample .item() syncs cost little there, so fp32 runs level; bf16 autocast is where "
          "a CPU with bf16 units gains. The sync-free batched crop and fused glance matter on a GPU.")
@@ -112,14 +115,15 @@ def _setup(device: torch.device, quick: bool) -> dict:
     return dict(arch="resnet18", image_size=224, patch_size=96, T=3, batch=32, classes=1000, rounds=7)
 
 
-def run(device=None, quick: bool = False, threads=None) -> list:
-    """Time the three providers on stage-1 and stage-3 steps; one row per (stage, provider)."""
+def run(device=None, quick: bool = False, threads=None, compile: bool = False) -> list:
+    """Time the providers on stage-1 and stage-3 steps; one row per (stage, provider). ``compile``: also the
+    compiled modes (eager fp32, compiled fp32, bf16, compiled bf16), their compilation timed apart."""
     device = resolve_device(device)
     with use_threads(threads):
-        return _run(device, quick)
+        return _run(device, quick, compile)
 
 
-def _run(device: torch.device, quick: bool) -> list:
+def _run(device: torch.device, quick: bool, compile: bool = False) -> list:
     import gfnet
     from gfnet.train import Trainer, TrainOptions
 
@@ -134,21 +138,27 @@ def _run(device: torch.device, quick: bool) -> list:
     images_f32 = (images_u8.float() / 255.0 - mean) / std  # the same pixels, as the reference's loader gives them
     labels = torch.randint(0, setup["classes"], (N,), device=device)
     rows = []
+    providers = PROVIDERS + (COMPILED if compile else ())
     for stage in (1, 3):
-        steps, first_loss = {}, {}
-        for provider in PROVIDERS:
+        steps, first_loss, compile_s = {}, {}, {}
+        for provider in providers:
             net = copy.deepcopy(base).to(device)
             if provider == BASELINE:
                 step = ReferenceTrainStep(net, stage, dsn_ratio=1.0)
                 steps[provider] = (lambda s=step: s(images_f32, labels))
             else:
-                amp = "bf16" if provider == "gfnet-bf16" else "none"
+                amp = "bf16" if provider.startswith("gfnet-bf16") else "none"
                 trainer = Trainer(net, TrainOptions(stage=stage, epochs=1, amp=amp, dsn_ratio=1.0,
-                                                    channels_last=amp == "bf16", progress=False))
+                                                    channels_last=amp == "bf16", progress=False,
+                                                    compile=provider in COMPILED))
                 trainer._set_modes()
                 steps[provider] = (lambda t=trainer: t.train_step(images_u8, labels)["loss"].item())
             torch.manual_seed(1234)  # the same random patch positions for every provider's first step
+            start = time.perf_counter()
             first_loss[provider] = float(steps[provider]())
+            if provider in COMPILED:  # the first step compiles (a second may recompile): timed apart
+                steps[provider]()
+                compile_s[provider] = time.perf_counter() - start
         ref = first_loss[BASELINE]
         for provider, rtol in LOSS_RTOL.items():
             if abs(first_loss[provider] - ref) > rtol * abs(ref):
@@ -156,10 +166,12 @@ def _run(device: torch.device, quick: bool) -> list:
                                      f"{BASELINE}'s {ref:.6g}, beyond rtol={rtol:g}")
         timings = measure(steps, min_run_time=0.0, rounds=setup["rounds"])
         extra = {p: {"stage": stage, "arch": setup["arch"], "image_size": S, "patch_size": setup["patch_size"],
-                     "T": setup["T"], "loss": first_loss[p], "reference_loss": ref} for p in PROVIDERS}
+                     "T": setup["T"], "loss": first_loss[p], "reference_loss": ref, "compile_s": compile_s.get(p)}
+                 for p in providers}
         case = f"stage {stage} {setup['arch']} S={S} P={setup['patch_size']} T={setup['T']}"
         for row in make_rows("train", case, timings, BASELINE, device=device, dtype="float32", batch=N, items=N,
                              unit="images/s", extra=extra):
-            row.dtype = "bf16 autocast" if row.provider == "gfnet-bf16" else "float32"
+            row.dtype = ("bf16 autocast" if row.provider.startswith("gfnet-bf16") else "float32") + \
+                (", compiled" if row.provider in COMPILED else "")
             rows.append(row)
     return rows
