@@ -26,7 +26,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 __all__ = ["CheckResult", "CHECKS", "run_checks", "main"]
 
@@ -48,7 +48,7 @@ class CheckResult:
 class Context:
     """What every check gets: the device to run on, whether this is the CPU dry run, the output folder."""
 
-    device: "object"
+    device: object
     dry_run: bool
     out_dir: str
 
@@ -84,6 +84,7 @@ def _images(n, size, dtype, layout, device, seed=0):
 
 def _tiny_net(arch="resnet10t", T=3, patch=32, classes=10, seed=0, classifier=None):
     import torch
+
     import gfnet
     torch.manual_seed(seed)
     net = gfnet.build_model(arch, patch_size=patch, T=T, num_classes=classes, classifier=classifier).eval()
@@ -115,8 +116,10 @@ def check_cuda_tests(ctx: Context) -> dict:
 def check_kernels(ctx: Context) -> dict:
     """Every kernel against its reference: output dtypes, input layouts and dtypes, a large batch."""
     import torch
+
     from gfnet import ops
-    from gfnet.config import IMAGENET_MEAN as M, IMAGENET_STD as S
+    from gfnet.config import IMAGENET_MEAN as M
+    from gfnet.config import IMAGENET_STD as S
     backend = "triton"
     size, n = (96, 6) if ctx.dry_run else (224, 64)
     cases = 0
@@ -137,7 +140,8 @@ def check_kernels(ctx: Context) -> dict:
                 got = ops.glance_resize(images, 40, mode=mode, backend=backend, **norm)
                 want = ops.glance_resize(images, 40, mode=mode, backend="torch", **norm)
                 torch.testing.assert_close(got, want, atol=atol, rtol=rtol,
-                                           msg=lambda m: f"glance_resize {mode} {in_dtype} {layout} -> {out_dtype}: {m}")
+                                           msg=lambda m: f"glance_resize {mode} {in_dtype} {layout} -> "
+                                                         f"{out_dtype}: {m}")
             got = ops.focus_crop_bilinear(images, actions, 32, scale=0.8, backend=backend, **norm)
             want = ops.focus_crop_bilinear(images, actions, 32, scale=0.8, backend="torch", **norm)
             # grid_sample derives the sample position from a normalised grid, ((g + 1) / 2) * (S - 1), which
@@ -163,6 +167,7 @@ def check_uint8_division(ctx: Context) -> dict:
     """The reference's x / 255 equals the kernels' correctly rounded division on this device (ATen turns
     division by a Python scalar into a multiplication on CUDA)."""
     import torch
+
     from gfnet import ops
     values = torch.arange(256, dtype=torch.uint8, device=ctx.device).view(1, 1, 16, 16).expand(1, 3, 16, 16)
     images = values.contiguous()
@@ -179,6 +184,7 @@ def check_uint8_division(ctx: Context) -> dict:
 def check_bilinear_gradients(ctx: Context) -> dict:
     """gradcheck of the Triton backward (float64) and its report to torch.use_deterministic_algorithms."""
     import torch
+
     from gfnet import ops
     images = _images(2, 9, torch.float64, "nchw", ctx.device).requires_grad_()
     centers = torch.tensor([[0.31, 0.62], [0.55, 0.47]], dtype=torch.float64, device=ctx.device,
@@ -205,6 +211,7 @@ def check_bilinear_gradients(ctx: Context) -> dict:
 def check_nan(ctx: Context) -> dict:
     """A NaN pixel stays NaN through every kernel and output dtype (canonical NaN bits included)."""
     import torch
+
     from gfnet import ops
     images = torch.rand(2, 3, 12, 12)
     bits = images.view(torch.int32)
@@ -230,8 +237,10 @@ def check_nan(ctx: Context) -> dict:
 def check_compile(ctx: Context) -> dict:
     """torch.compile over the ops: inductor (and reduce-overhead, CUDA graphs, on a GPU) equals eager."""
     import torch
+
     from gfnet import ops
-    from gfnet.config import IMAGENET_MEAN as M, IMAGENET_STD as S
+    from gfnet.config import IMAGENET_MEAN as M
+    from gfnet.config import IMAGENET_STD as S
 
     def step(images, actions):
         glance = ops.glance_resize(images, 24, mean=M, std=S)
@@ -256,6 +265,7 @@ def check_budgeted(ctx: Context) -> dict:
     """Budgeted inference (CUDA graphs on a GPU) equals the post-hoc simulation, image by image, for uint8
     and float input in fp32/bf16/fp16."""
     import torch
+
     from gfnet import budget
     from gfnet.engine import budgeted_predict
     net = _tiny_net("resnet10t", T=3).to(ctx.device)
@@ -295,6 +305,7 @@ def check_budgeted(ctx: Context) -> dict:
 def check_trainer(ctx: Context) -> dict:
     """Trainer steps in bf16 and fp16 (GradScaler) on a tiny model: finite losses, weights that move."""
     import torch
+
     from gfnet.train import Trainer, TrainOptions
     from gfnet.train.distributed import DistributedContext
     losses = {}
@@ -325,6 +336,7 @@ def check_dali(ctx: Context) -> dict:
     if importlib.util.find_spec("nvidia.dali") is None:
         raise Skip("DALI is not installed (`pip install nvidia-dali-cuda130`)")
     import torch
+
     from gfnet.data import make_loader, make_sample_tree
     with tempfile.TemporaryDirectory() as root:
         make_sample_tree(root, num_classes=2, train_per_class=2, val_per_class=4)
@@ -352,6 +364,7 @@ def check_second_gpu(ctx: Context) -> dict:
     """Tensors on cuda:1 while cuda:0 is current: every kernel launches on the tensors' device."""
     ctx.need_cuda("the second-GPU check")
     import torch
+
     from gfnet import ops
     if torch.cuda.device_count() < 2:
         raise Skip(f"needs two GPUs; this machine has {torch.cuda.device_count()}")
@@ -431,7 +444,8 @@ def run_checks(ctx: Context, names, log=print) -> list:
                                  details={"traceback": traceback.format_exc()[-4000:]})
         result.seconds = round(time.perf_counter() - start, 3)
         results.append(result)
-        log(f"  {result.status:7s} {name:28s} {result.seconds:7.1f}s  {result.reason.splitlines()[0] if result.reason else ''}")
+        first = result.reason.splitlines()[0] if result.reason else ""
+        log(f"  {result.status:7s} {name:28s} {result.seconds:7.1f}s  {first}")
     return results
 
 

@@ -21,7 +21,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["NO_EXIT_THRESHOLD", "LAST_STEP_THRESHOLD", "BUDGET_POINTS", "confidences", "separated_thresholds", "exit_proportions",
+__all__ = ["NO_EXIT_THRESHOLD", "LAST_STEP_THRESHOLD", "BUDGET_POINTS", "confidences", "separated_thresholds",
+           "exit_proportions",
            "find_thresholds", "exit_steps", "evaluate", "budget_curve"]
 
 # The reference's sentinels: a threshold nobody reaches, and the last step's that everybody reaches.

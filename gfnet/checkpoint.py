@@ -38,7 +38,8 @@ import torch
 
 __all__ = ["CheckpointError", "CheckpointFile", "LAYOUTS", "PYCLS_TIMM_KEYS", "REFERENCE_FIELDS",
            "REFERENCE_TRAIN_FIELDS", "atomic_save", "checkpoint_dict", "load_checkpoint", "load_weights",
-           "load_failure", "pycls_to_timm", "read_checkpoint", "reference_parameter_order", "remove_stale_temps", "save_checkpoint",
+           "load_failure", "pycls_to_timm", "read_checkpoint", "reference_parameter_order", "remove_stale_temps",
+           "save_checkpoint",
            "strip_module_prefix", "timm_to_pycls", "torch_load"]
 
 log = logging.getLogger("gfnet.checkpoint")
@@ -104,17 +105,17 @@ def _rename_key(key: str, rules) -> str:
     return key
 
 
-def pycls_to_timm(state: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+def pycls_to_timm(state: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """Rename a pycls RegNet state dict to timm's RegNet names (order kept)."""
     return OrderedDict((_rename_key(k, _TO_TIMM), v) for k, v in state.items())
 
 
-def timm_to_pycls(state: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+def timm_to_pycls(state: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """Rename a timm RegNet state dict to pycls's names (the reference checkpoints' ones; order kept)."""
     return OrderedDict((_rename_key(k, _TO_PYCLS), v) for k, v in state.items())
 
 
-def strip_module_prefix(state: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+def strip_module_prefix(state: Mapping[str, Any]) -> OrderedDict[str, Any]:
     """Drop nn.DataParallel's ``module.`` prefix from the keys that carry it."""
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state.items())
 

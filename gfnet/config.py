@@ -129,7 +129,7 @@ class BackboneConfig:
             return DataTransforms("backbone", self.image_size, self.crop_pct, self.dataset_interpolation)
         raise ValueError(f"transforms must be one of {TRANSFORMS}, got {kind!r}")
 
-    def replace(self, **changes) -> "BackboneConfig":
+    def replace(self, **changes) -> BackboneConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -402,7 +402,7 @@ class _StepRunner:
             return self.graphs[t]
         except Exception as e:  # an op that cannot be captured: say so and keep going eagerly
             warnings.warn(f"budgeted_predict: CUDA graph capture of step {t} failed ({type(e).__name__}: {e}); "
-                          "running the steps eagerly", RuntimeWarning)
+                          "running the steps eagerly", RuntimeWarning, stacklevel=2)
             self.use_graphs = False
             return None
 
@@ -606,7 +606,7 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
     if bool(invalid.any()):
         warnings.warn(f"budgeted_predict: {int(invalid.sum())} image(s) gave non-finite logits (NaN or inf pixels), "
                       f"e.g. stream positions {invalid.nonzero().flatten()[:5].tolist()}; they are reported with "
-                      "prediction -1 (see BudgetedPrediction.invalid)", RuntimeWarning)
+                      "prediction -1 (see BudgetedPrediction.invalid)", RuntimeWarning, stacklevel=2)
     flops_tensor = torch.tensor(flops, dtype=torch.float64)
     macs_spent = float(flops_tensor[exit_step].sum()) if n else 0.0
     return BudgetedPrediction(

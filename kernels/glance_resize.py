@@ -84,9 +84,9 @@ def _glance_resize_kernel(
                 row = tl.minimum(tl.maximum(iy - 1 + k, 0), H - 1).to(tl.int64) * sxh
                 wy = wy0 if k == 0 else (wy1 if k == 1 else (wy2 if k == 2 else wy3))
                 line = tl.zeros_like(tx)
-                for l in tl.static_range(4):
-                    col = tl.minimum(tl.maximum(ix - 1 + l, 0), W - 1).to(tl.int64) * sxw
-                    wx = wx0 if l == 0 else (wx1 if l == 1 else (wx2 if l == 2 else wx3))
+                for m in tl.static_range(4):
+                    col = tl.minimum(tl.maximum(ix - 1 + m, 0), W - 1).to(tl.int64) * sxw
+                    wx = wx0 if m == 0 else (wx1 if m == 1 else (wx2 if m == 2 else wx3))
                     v = tl.load(base + row + col, mask=mask, other=0).to(acc.dtype)
                     line += wx * v
                 acc += wy * line

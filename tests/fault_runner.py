@@ -67,7 +67,7 @@ def main(cfg: dict) -> None:
     if cfg.get("kill"):
         install_kill(cfg["kill"])
     import gfnet
-    from gfnet.train import TensorLoader, TrainOptions, Trainer, train_imagefolder
+    from gfnet.train import TensorLoader, Trainer, TrainOptions, train_imagefolder
 
     options = TrainOptions(stage=1, epochs=cfg["epochs"], backbone_lr=cfg.get("lr", 0.05), fc_lr=cfg.get("lr", 0.05),
                            train_global=True, progress=False, seed=cfg.get("seed", 0), batch_size=BATCH)

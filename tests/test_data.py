@@ -175,7 +175,8 @@ def test_make_sample_refuses_a_folder_that_holds_other_data(tmp_path, capsys):
     assert main(["make-sample", str(root), "--classes", "2", "--train-per-class", "1", "--val-per-class", "1",
                  "--width", "16", "--height", "12"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("gfnet-data: error: ") and "not empty" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("gfnet-data: error: ")
+    assert "not empty" in err and "Traceback" not in err
     assert sorted(str(p) for p in root.rglob("*")) == before  # nothing written
     (tmp_path / "afile").write_bytes(b"x")
     with pytest.raises(FileExistsError, match="not a folder"):

@@ -8,7 +8,6 @@ from gfnet import budget
 from gfnet.budget import separated_thresholds
 from gfnet.engine import BudgetedPrediction, budgeted_predict, step_flops
 
-
 pytestmark = pytest.mark.usefixtures("native_cpu_convolutions")
 
 

@@ -17,7 +17,7 @@ import torch
 
 import gfnet
 from gfnet.checkpoint import atomic_save, remove_stale_temps
-from gfnet.train import TensorLoader, TrainOptions, Trainer
+from gfnet.train import TensorLoader, Trainer, TrainOptions
 from gfnet.train.run_folder import LOCK_NAME, RunFolderBusy
 from gfnet.train.trainer import TrainingError
 

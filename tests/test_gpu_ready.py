@@ -1,7 +1,6 @@
 """Issue 10's GPU readiness, as far as the CPU can show it: the device a process takes under torchrun, the
 engine's caches, refusals and reports, and the gpucheck command in its dry run."""
 import json
-import warnings
 
 import pytest
 import torch

@@ -16,7 +16,6 @@ Tolerances, per op and compute dtype, with the reason beside each:
   atol 1e-10.
 """
 import os
-import warnings
 
 import pytest
 import torch

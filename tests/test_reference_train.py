@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import gfnet
 from gfnet.checkpoint import CheckpointError, pycls_to_timm, read_checkpoint, reference_parameter_order, timm_to_pycls
-from gfnet.train import TensorLoader, TrainOptions, Trainer, build_training_model
+from gfnet.train import TensorLoader, Trainer, TrainOptions, build_training_model
 from gfnet.train.weights import reset_policy
 
 from reference_oracle import ActorCritic, Full_layer
@@ -169,7 +169,8 @@ def assert_same_sgd_state(ref, trainer):
             assert torch.equal(torch.as_tensor(theirs[key]), torch.as_tensor(mine[key])), (name, key)
             compared += 1
     assert compared > 0
-    assert [g["momentum"] for g in ref.optimizer.param_groups] == [g["momentum"] for g in trainer.optimizer.param_groups]
+    momenta = [g["momentum"] for g in trainer.optimizer.param_groups]
+    assert [g["momentum"] for g in ref.optimizer.param_groups] == momenta
 
 
 def assert_same_adam_state(ref, trainer):
@@ -287,7 +288,8 @@ def test_stage2_policy_fresh_by_default_or_continued_on_request():
     # the fresh policy is a newly built one's: same distribution as at construction, fixed by the seed
     again = copy.deepcopy(net)
     Trainer(again, options(2))
-    assert all(torch.equal(a, b) for a, b in zip(reset.policy.state_dict().values(), again.policy.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(reset.policy.state_dict().values(), again.policy.state_dict().values()))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -504,5 +506,6 @@ def test_cli_continues_a_reference_stage1_file_and_resumes_its_own(tmp_path, cap
     # gfnet-eval reads the reference's file given the values it lacks
     assert eval_main(["--checkpoint", str(tmp_path / "s1.pth.tar"), "--eval-mode", "0"]) == 0
     assert "model_arch: None" in capsys.readouterr().out
-    assert eval_main(["--checkpoint", str(tmp_path / "s1.pth.tar"), "--eval-mode", "0", "--arch", "test_efficientnet"]) == 0
+    assert eval_main(["--checkpoint", str(tmp_path / "s1.pth.tar"), "--eval-mode", "0",
+                      "--arch", "test_efficientnet"]) == 0
     assert "model_arch: test_efficientnet" in capsys.readouterr().out

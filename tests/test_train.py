@@ -10,8 +10,16 @@ import pytest
 import torch
 
 import gfnet
-from gfnet.train import (TensorLoader, TrainOptions, Trainer, collect_rollout, cosine_lr, discount_returns,
-                         load_backbone_weights, normalise_returns)
+from gfnet.train import (
+    TensorLoader,
+    Trainer,
+    TrainOptions,
+    collect_rollout,
+    cosine_lr,
+    discount_returns,
+    load_backbone_weights,
+    normalise_returns,
+)
 
 S, P, T, N, CLASSES = 40, 16, 3, 8, 4
 

@@ -23,8 +23,15 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from gfnet.cli._errors import (nonnegative_float, nonnegative_int, parse_device, positive_float, positive_int,
-                               prepare_output_dir, run_command)
+from gfnet.cli._errors import (
+    nonnegative_float,
+    nonnegative_int,
+    parse_device,
+    positive_float,
+    positive_int,
+    prepare_output_dir,
+    run_command,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -111,6 +118,7 @@ def _train(args) -> int:
                         stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.INFO)  # per-step lines go to the log file only
+    logging.getLogger("gfnet.train").setLevel(logging.DEBUG)
     options = TrainOptions(
         stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, backbone_lr=args.lr, fc_lr=args.fc_lr,
         policy_lr=args.policy_lr, weight_decay=args.weight_decay, dsn_ratio=args.dsn_ratio,

@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _patches(args) -> int:
-    from gfnet.checkpoint import load_checkpoint
     from gfnet import viz
+    from gfnet.checkpoint import load_checkpoint
 
     device = parse_device(args.device)
     net = load_checkpoint(args.checkpoint, arch=args.arch, patch_size=args.patch_size, T=args.T).to(device)

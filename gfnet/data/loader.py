@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gfnet.data.index import SplitIndex, index_split
 from gfnet.config import IMAGENET_MEAN, IMAGENET_STD
+from gfnet.data.index import SplitIndex, index_split
 from gfnet.data.sharding import PlannedBatch, ShardPlan
 
 log = logging.getLogger("gfnet.data")

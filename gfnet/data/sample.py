@@ -106,7 +106,7 @@ def _remove_sample(root: str, manifest: dict) -> None:
     os.remove(os.path.join(root, MANIFEST))
 
 
-def _write_manifest(root: str, tree: "SampleTree") -> None:
+def _write_manifest(root: str, tree: SampleTree) -> None:
     files = sorted(os.path.normpath(f.relpath) for split in tree.files.values() for f in split)
     dirs = {os.path.dirname(f) for f in files} | {os.path.join(split, c) for split in tree.files for c in tree.classes}
     dirs |= {os.path.dirname(d) for d in dirs}

@@ -31,7 +31,7 @@ class GFNetState:
     policy_hidden: torch.Tensor
     feature_map: Optional[torch.Tensor] = None
 
-    def index(self, idx: torch.Tensor) -> "GFNetState":
+    def index(self, idx: torch.Tensor) -> GFNetState:
         """The state of the images ``idx`` (a LongTensor or bool mask over the batch)."""
         return GFNetState(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
                              for f in fields(self)})
@@ -317,7 +317,7 @@ class GFNet(nn.Module):
         return AnytimePrediction(torch.cat(probs, 1), torch.cat(acts, 1))
 
     def compile(self, mode: Optional[str] = None, dynamic: Optional[bool] = None, backend: str = "inductor",
-                fullgraph: bool = False) -> "GFNet":
+                fullgraph: bool = False) -> GFNet:
         """Compile what every step runs with torch.compile: the global and local encoders (where the time
         goes), in place, so that :meth:`anytime_predict`, :func:`gfnet.engine.budgeted_predict` and training
         use them. Parameter names and checkpoints are unchanged; outputs equal eager ones to float rounding.
@@ -335,7 +335,7 @@ class GFNet(nn.Module):
         self.compiled = {"mode": mode, "dynamic": dynamic, "backend": backend}
         return self
 
-    def to_channels_last(self) -> "GFNet":
+    def to_channels_last(self) -> GFNet:
         """Put the encoders in channels-last memory format (faster convolutions on GPUs and oneDNN)."""
         self.model_prime.to(memory_format=torch.channels_last)
         self.model.to(memory_format=torch.channels_last)

@@ -15,7 +15,12 @@ import torch
 from gfnet.kernels.focus_crop_bilinear import focus_crop_bilinear_ref
 from gfnet.ops import _checks as C
 from gfnet.ops._dispatch import (
-    alert_not_deterministic, cpu_kernels, register_kernels, select_backend, triton_kernels, use_backend,
+    alert_not_deterministic,
+    cpu_kernels,
+    register_kernels,
+    select_backend,
+    triton_kernels,
+    use_backend,
 )
 
 __all__ = ["focus_crop_bilinear"]

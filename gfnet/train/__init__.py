@@ -6,10 +6,10 @@ Python entry points: :class:`Trainer` with :class:`TrainOptions` (any iterable o
 from gfnet.train.distributed import DistributedContext, init_distributed
 from gfnet.train.objective import ACTION_MODES, PPOObjective, SequenceObjective, run_glance
 from gfnet.train.rollout import Rollout, collect_rollout, discount_returns, normalise_returns
-from gfnet.train.tensor_loader import TensorLoader
-from gfnet.train.trainer import BEST_NAME, CHECKPOINT_NAME, TrainOptions, Trainer, cosine_lr
-from gfnet.train.weights import load_backbone_weights, load_network_weights
 from gfnet.train.session import build_training_model, train_imagefolder
+from gfnet.train.tensor_loader import TensorLoader
+from gfnet.train.trainer import BEST_NAME, CHECKPOINT_NAME, Trainer, TrainOptions, cosine_lr
+from gfnet.train.weights import load_backbone_weights, load_network_weights
 
 __all__ = ["ACTION_MODES", "BEST_NAME", "CHECKPOINT_NAME", "DistributedContext", "PPOObjective", "Rollout",
            "SequenceObjective", "TensorLoader", "TrainOptions", "Trainer", "build_training_model",

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-
 from gfnet.checkpoint import CheckpointError, atomic_save, remove_stale_temps, torch_load
 
 __all__ = ["RunFolder", "RunFolderBusy", "RunInfo", "read_run_info", "LOCK_NAME"]
@@ -287,7 +286,7 @@ class RunFolder:
         if info.best_epoch == 0:
             return None
         if info.best_epoch == info.epoch:
-            atomic_save(_load(source), best)
+            atomic_save(torch_load(source), best)
             log.warning("%s %s; restored the best epoch (%d) from %s", best,
                         "was missing" if have is None else f"held epoch {have.epoch}", info.best_epoch, source)
         else:

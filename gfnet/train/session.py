@@ -11,7 +11,7 @@ import torch.distributed
 from gfnet.models.gfnet import GFNet, build_model
 from gfnet.train.distributed import init_distributed
 from gfnet.train.run_folder import RunFolder
-from gfnet.train.trainer import TrainOptions, Trainer
+from gfnet.train.trainer import Trainer, TrainOptions
 from gfnet.train.weights import load_backbone_weights
 
 __all__ = ["build_training_model", "train_imagefolder"]

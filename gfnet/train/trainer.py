@@ -37,8 +37,15 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gfnet.checkpoint import (LAYOUTS, CheckpointError, atomic_save, checkpoint_dict, load_weights, read_checkpoint,
-                              torch_load)
+from gfnet.checkpoint import (
+    LAYOUTS,
+    CheckpointError,
+    atomic_save,
+    checkpoint_dict,
+    load_weights,
+    read_checkpoint,
+    torch_load,
+)
 from gfnet.config import TRANSFORMS
 from gfnet.device import configure_device
 from gfnet.flops import compute_flops
@@ -50,8 +57,14 @@ from gfnet.train.objective import PPOObjective, SequenceObjective
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
 from gfnet.train.run_folder import RunFolder, read_run_info
-from gfnet.train.weights import (adam_state_to_reference, fresh_adam_state, load_sgd_state, reset_policy,
-                                  sgd_parameter_groups, sgd_state_to_reference)
+from gfnet.train.weights import (
+    adam_state_to_reference,
+    fresh_adam_state,
+    load_sgd_state,
+    reset_policy,
+    sgd_parameter_groups,
+    sgd_state_to_reference,
+)
 
 __all__ = ["TrainOptions", "Trainer", "TrainingError", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
 
@@ -142,7 +155,7 @@ class TrainOptions:
     transforms: str = "reference"
     save_layout: str = "release"
 
-    def resolved(self, net: GFNet) -> "TrainOptions":
+    def resolved(self, net: GFNet) -> TrainOptions:
         """A copy with every ``None`` replaced by the backbone family's reference default."""
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
@@ -480,7 +493,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, train_loader: Iterable, val_loader: Optional[Iterable] = None, resume: Optional[str] = None,
-            callbacks: Sequence[Callable[["Trainer", dict], None]] = ()) -> list[dict]:
+            callbacks: Sequence[Callable[[Trainer, dict], None]] = ()) -> list[dict]:
         """Train from ``self.epoch`` (or from a training checkpoint) to ``options.epochs``.
 
         Args:
@@ -638,7 +651,8 @@ class Trainer:
             if self.ppo_optimizer is not None:
                 fields["ppo_optimizer"] = adam_state_to_reference(self.ppo_optimizer.state_dict())
             else:
-                fields["ppo_optimizer"] = fresh_adam_state(self.net, o.policy_lr, o.policy_betas) if o.stage == 3 else None
+                fields["ppo_optimizer"] = (fresh_adam_state(self.net, o.policy_lr, o.policy_betas)
+                                           if o.stage == 3 else None)
             if o.stage == 1:
                 fields["policy"] = None
         return checkpoint_dict(self.net, layout=o.save_layout, **fields)
@@ -800,10 +814,8 @@ class Trainer:
         os.makedirs(self.out_dir, exist_ok=True)
         handler = logging.FileHandler(os.path.join(self.out_dir, "train.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler.setLevel(logging.DEBUG)
-        log.addHandler(handler)
-        if log.level == logging.NOTSET or log.level > logging.DEBUG:
-            log.setLevel(logging.DEBUG)
+        handler.setLevel(logging.DEBUG)  # what reaches it is the application's choice (the logger's level):
+        log.addHandler(handler)          # gfnet-train lets the per-step DEBUG lines through to this file
         self._log_handler = handler
 
     def _close_log(self) -> None:

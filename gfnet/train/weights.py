@@ -17,8 +17,14 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from gfnet.checkpoint import (CheckpointFile, load_weights, pycls_to_timm, reference_parameter_order,
-                              strip_module_prefix, torch_load)
+from gfnet.checkpoint import (
+    CheckpointFile,
+    load_weights,
+    pycls_to_timm,
+    reference_parameter_order,
+    strip_module_prefix,
+    torch_load,
+)
 from gfnet.models.encoder import Encoder
 from gfnet.models.gfnet import GFNet
 
@@ -112,7 +118,7 @@ def sgd_parameter_groups(net: GFNet, train_global: bool) -> list:
     groups = [(name, [(f"{name}.{n}", p) for n, p in encoder.named_parameters()])
               for name, encoder in _encoders(net, train_global)]
     fc = []
-    for n, p in net.fc.named_parameters():
+    for n, _ in net.fc.named_parameters():
         # The cascade holds fc_2..fc_5 even for T < 5 (the reference's layout); heads beyond fc_T never
         # see data, so they stay out of the optimiser (and DDP needs no unused-parameter search).
         if not net.fc.is_rnn and int(n.split(".")[0].split("_")[1]) > net.T:
