@@ -16,6 +16,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for a test: tiny models are dominated by per-op overhead, where one thread is as fast
+    on an idle machine and avoids OpenMP's spinning barriers, which make two threads crawl on a loaded one."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture
 def native_cpu_convolutions():
     """Turn oneDNN off for a test: it builds its kernels anew for every batch shape (seconds each on a
     2-core machine), and budgeted inference meets several shapes (partial batches). Results do not

@@ -12,15 +12,7 @@ from gfnet import budget
 from gfnet.demo import QUICK, digit_patch_actions, make_cluttered_digits
 from gfnet.viz.report import BUDGET_CURVE_FILE, CHECKPOINT_FILE, PATCHES_FILE, RESULTS_FILE, SAMPLES_FILE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tiny models are dominated by per-op overhead: one thread is as fast on an idle machine and
-    # avoids OpenMP's spinning barriers, which make two threads crawl on a shared, loaded one.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

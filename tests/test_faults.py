@@ -29,12 +29,7 @@ from fault_runner import BATCH, CLASSES, P, T, learnable_task  # noqa: E402
 CKPT, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_training(cfg: dict, expect_kill: bool = False) -> list:

@@ -29,12 +29,7 @@ S, P, T, N, CLASSES = 40, 16, 3, 8, 4
 ARCHS = {"test_efficientnet": "cascade", "test_resnet": "gru"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(arch="test_efficientnet", seed=0):

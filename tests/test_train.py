@@ -24,14 +24,7 @@ from gfnet.train import (
 S, P, T, N, CLASSES = 40, 16, 3, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tiny models are dominated by per-op overhead: one thread is as fast on an idle machine and
-    # avoids OpenMP's spinning barriers, which make two threads crawl on a shared, loaded one.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(classifier=None, seed=0):

@@ -33,7 +33,7 @@ import torch
 from gfnet.data.augment import batch_augmentation
 from gfnet.data.loader import ImageLoader, TransformSpec
 from gfnet.data.sharding import PlannedBatch, ShardPlan, fill_batch
-from gfnet.data.validate import inspect_encoded
+from gfnet.data.validate import read_checked
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -217,16 +217,9 @@ class DaliLoader(ImageLoader):
     def _load(self, i: int):
         """One file's bytes and size, or why it is skipped (read by the reader thread)."""
         path = self.index.files[i]
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:  # moved or unreadable since the split was indexed
-            return None, f"cannot read: {exc.strerror or exc}"
-        if not data:
-            return None, "empty file (emptied since the split was indexed)"
-        check = inspect_encoded(data)
-        if check.reason is not None:
-            return None, check.reason
+        data, check = read_checked(path)
+        if data is None:
+            return None, check
         return (np.frombuffer(data, dtype=np.uint8), check.width, check.height), None
 
     def _assemble(self, batch: PlannedBatch, plan: ShardPlan, bad: set) -> _ReadBatch:

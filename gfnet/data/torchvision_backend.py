@@ -24,7 +24,7 @@ from torchvision.transforms import functional as F
 from gfnet.data.augment import batch_augmentation
 from gfnet.data.loader import ImageLoader, TransformSpec
 from gfnet.data.sharding import PlannedBatch, ShardPlan, fill_batch
-from gfnet.data.validate import describe_decode_error, inspect_encoded
+from gfnet.data.validate import describe_decode_error, read_checked
 
 _INTERP = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
            "bicubic": T.InterpolationMode.BICUBIC, "lanczos": T.InterpolationMode.LANCZOS}
@@ -59,16 +59,9 @@ def _hwc_uint8(img: Image.Image) -> torch.Tensor:
 
 def _load(path: str):
     """(RGB PIL image, None), or (None, why the file is skipped)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}"
-    if not data:
-        return None, "empty file (emptied since the split was indexed)"
-    check = inspect_encoded(data)
-    if check.reason is not None:
-        return None, check.reason
+    data, check = read_checked(path)
+    if data is None:
+        return None, check
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB"), None  # grayscale, CMYK, palette/alpha PNG -> RGB; no EXIF rotation

@@ -293,3 +293,19 @@ def _segment_error(m: int, seg: bytes, comps) -> str | None:
         if n < 6 or seg[5] < 1 or n != 6 + 3 * seg[5] or ((seg[3] << 8) | seg[4]) == 0:
             return "bad frame header"
     return None
+
+
+def read_checked(path: str):
+    """(the file's bytes, its :class:`EncodedImage`) or (None, why the file is skipped): the read and the
+    check before decoding that both backends share, so that they skip the same files for the same reason."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:  # moved or unreadable since the split was indexed
+        return None, f"cannot read: {exc.strerror or exc}"
+    if not data:
+        return None, "empty file (emptied since the split was indexed)"
+    check = inspect_encoded(data)
+    if check.reason is not None:
+        return None, check.reason
+    return data, check

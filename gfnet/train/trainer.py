@@ -814,8 +814,12 @@ class Trainer:
         os.makedirs(self.out_dir, exist_ok=True)
         handler = logging.FileHandler(os.path.join(self.out_dir, "train.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler.setLevel(logging.DEBUG)  # what reaches it is the application's choice (the logger's level):
-        log.addHandler(handler)          # gfnet-train lets the per-step DEBUG lines through to this file
+        handler.setLevel(logging.DEBUG)
+        log.addHandler(handler)
+        # The run's train.log is one of the run's files: it must hold the run's lines even where the application
+        # configured no logging. Only a logger nobody has set is given a level (an application's choice stays).
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.DEBUG)
         self._log_handler = handler
 
     def _close_log(self) -> None:
