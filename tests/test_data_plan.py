@@ -184,13 +184,13 @@ def test_dali_loops_left_mid_epoch_or_open_together_do_not_mix(tree):
 def test_dali_decode_errors_are_isolated_and_refilled(tmp_path, monkeypatch):
     # Files that pass every check on the host but that DALI's decoder rejects: the pipeline fails,
     # the batch's files are run one by one to find the culprits, and the batch is refilled.
-    from gfnet.data import dali_backend
+    from gfnet.data import validate
     from gfnet.data.validate import EncodedImage
 
     tree = make_sample_tree(tmp_path / "t", num_classes=2, train_per_class=5, val_per_class=1, photo_size=(48, 36),
                             bad_files=True, seed=3)
     monkeypatch.setattr(index_module, "check_image_file", lambda p: (None, os.path.getsize(p)))
-    monkeypatch.setattr(dali_backend, "inspect_encoded", lambda data: EncodedImage(None, 8, 8))
+    monkeypatch.setattr(validate, "inspect_encoded", lambda data: EncodedImage(None, 8, 8))
     loader = make(tree.root, "dali", batch_size=3, seed=2)
     got = epoch(loader, 0)
     assert len(got) == len(loader) == (10 + 6) // 3 and all(len(y) == 3 for _, y in got)
