@@ -47,10 +47,11 @@ class Timing:
 
 
 def resolve_device(device=None) -> torch.device:
-    """The device to measure on: the one asked for, else CUDA when present, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    """The device to measure on: the one asked for (checked), else CUDA when present, else the CPU
+    (:func:`gfnet.device.resolve_device`, the one definition)."""
+    from gfnet.device import resolve_device as resolve
+
+    return resolve(device)
 
 
 @contextlib.contextmanager
