@@ -297,9 +297,11 @@ class _StepRunner:
     probability +inf (they exit at once) and prediction -1.
     """
 
-    def __init__(self, net, store: _SlotStore, device: torch.device, dtype, batch_size: int, cuda_graphs: bool):
+    def __init__(self, net, store: _SlotStore, device: torch.device, dtype, batch_size: int, cuda_graphs: bool,
+                 pad_batches: bool = False):
         self.net, self.store, self.device, self.dtype = net, store, device, dtype
         self.batch_size = batch_size
+        self.pad_batches = pad_batches
         self.use_graphs = cuda_graphs
         self.graphs: dict = {}
         self.pool = None
@@ -334,8 +336,10 @@ class _StepRunner:
         patches = net.focus_input(raw, actions.new_zeros(raw.shape[0], 2, dtype=torch.float32))
         return net.encode_focus(t, patches, state, actions, proposal)
 
-    def _body(self, t: int, slots: torch.Tensor, slots_host: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The whole step: returns the packed Tensor[2, n] float32 on the device."""
+    def _body(self, t: int, slots: torch.Tensor, slots_host: Optional[torch.Tensor] = None,
+              keep: Optional[int] = None) -> torch.Tensor:
+        """The whole step: returns the packed Tensor[2, n] float32 on the device. ``keep``: only the first
+        ``keep`` rows are real (the rest pad the batch to its full shape): only their state is stored."""
         if self.store.image_rows:
             out = self._step_on_rows(t, slots)
         else:
@@ -349,7 +353,10 @@ class _StepRunner:
         packed = torch.stack([torch.where(invalid, math.inf, max_probs),
                               torch.where(invalid, -1.0, preds.float())])
         if t < self.net.T - 1:  # after the last step nobody needs the state
-            self.store.scatter_state(slots, out.state)
+            if keep is None:
+                self.store.scatter_state(slots, out.state)
+            else:
+                self.store.scatter_state(slots[:keep], out.state.index(slice(0, keep)))
         return packed
 
     def run(self, t: int, slots_host: torch.Tensor) -> torch.Tensor:
@@ -371,6 +378,14 @@ class _StepRunner:
                 cuda_graph.replay()
                 self.replays += 1
                 packed = static_out
+        if packed is None and self.pad_batches and n < self.batch_size:
+            # a compiled model sees only the full batch shape: the tail's partial batches repeat their last
+            # slot up to it (no recompilation, no dynamic-shape kernels) and keep the first n results
+            fill = self.batch_size - n
+            padded_host = torch.cat([slots_host, slots_host[-1:].expand(fill)])
+            padded = torch.cat([slots, slots[-1:].expand(fill)])
+            with autocast(self.device, self.dtype):
+                packed = self._body(t, padded, padded_host, keep=n)[:, :n]
         if packed is None:
             with autocast(self.device, self.dtype):
                 packed = self._body(t, slots, slots_host)
@@ -508,7 +523,7 @@ def _new_plan(net, device, dtype, batch_size, capacity, image_rows, cuda_graphs)
     return _Plan(store, _StepRunner(net, store, device, dtype, batch_size, cuda_graphs))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as anytime_predict: a compiled model then shares its graphs between the two
 def prepare_budgeted(net, example: torch.Tensor, batch_size: int = 64, dtype=None, capacity: Optional[int] = None,
                      cuda_graphs: Optional[bool] = None, image_storage: Optional[str] = None) -> None:
     """Allocate the slot buffers and capture the CUDA graphs of :func:`budgeted_predict` ahead of time (e.g.
@@ -529,11 +544,11 @@ def prepare_budgeted(net, example: torch.Tensor, batch_size: int = 64, dtype=Non
             _warm_up(plan, net, example)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as anytime_predict: a compiled model then shares its graphs between the two
 def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thresholds, batch_size: int = 64,
                      dtype=None, device=None, capacity: Optional[int] = None,
                      cuda_graphs: Optional[bool] = None, flops=None,
-                     image_storage: Optional[str] = None) -> BudgetedPrediction:
+                     image_storage: Optional[str] = None, pad_batches: Optional[bool] = None) -> BudgetedPrediction:
     """Classify a stream of images with real early exit (budgeted batch classification).
 
     After each step, images whose max softmax probability is >= that step's threshold leave the batch
@@ -558,6 +573,10 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
         image_storage: "rows" (images copied into per-slot rows on the device; needed by CUDA graphs) or
             "references" (no copy: slots refer to the input batches, focus steps copy only the patches);
             default "rows" on CUDA, "references" on the CPU.
+        pad_batches: run the partial batches at the end of the stream at the full batch shape (their last
+            slot repeated; the extra rows are discarded), so that a compiled model (:meth:`GFNet.compile`)
+            never recompiles for them. Default: on when the model is compiled (measured in
+            ``gfnet-bench budget --compile`` against dynamic-shape recompilation), off otherwise.
     Returns:
         :class:`BudgetedPrediction`; ``preds`` and ``exit_step`` are in input order and equal, image by
         image, ``anytime_predict`` + :func:`gfnet.budget.exit_steps` with the same thresholds.
@@ -576,6 +595,9 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
     scheduler = _scheduler_class()(capacity, batch_size, thresholds)
     admit_step = scheduler.ADMIT
     plan = None if image_rows else _new_plan(net, device, dtype, batch_size, capacity, image_rows, cuda_graphs)
+    pad = getattr(net, "compiled", None) is not None if pad_batches is None else bool(pad_batches)
+    if plan is not None:
+        plan.runner.pad_batches = pad
 
     with device_guard(device):
         start = time.perf_counter()
@@ -590,6 +612,7 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
                     key = _plan_key(net, device, batch_size, capacity, images, dtype, image_rows, cuda_graphs)
                     plan = _plan_for(net, key, lambda: _new_plan(net, device, dtype, batch_size, capacity,
                                                                  image_rows, cuda_graphs))
+                    plan.runner.pad_batches = pad
                 new_slots, _ = scheduler.admit(images.shape[0])
                 plan.store.put_images(new_slots, images)
                 continue

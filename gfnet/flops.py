@@ -33,29 +33,32 @@ def compute_flops(net) -> dict:
     """
     was_training = net.training
     net.eval()
+    # counted on the eager modules: a compiled model (GFNet.compile) would otherwise compile for a one-image
+    # batch here, and its real batches would then recompile with dynamic shapes
     try:
-        device = next(net.parameters()).device
-        dtype = next(net.parameters()).dtype
-        P = net.patch_size
-        x = torch.zeros(1, 3, P, P, device=device, dtype=dtype)
-        with torch.no_grad():
-            pooled, fmap = net.model(x)
-        model_flops = count_macs(net.model, x)
-        hidden = net.policy.init_hidden(1, device, dtype)
-        policy_flops = count_macs(net.policy, fmap, hidden)
-        fc_state = net.fc.init_state(1, device, dtype)
+        with torch.compiler.set_stance("force_eager"):
+            device = next(net.parameters()).device
+            dtype = next(net.parameters()).dtype
+            P = net.patch_size
+            x = torch.zeros(1, 3, P, P, device=device, dtype=dtype)
+            with torch.no_grad():
+                pooled, fmap = net.model(x)
+            model_flops = count_macs(net.model, x)
+            hidden = net.policy.init_hidden(1, device, dtype)
+            policy_flops = count_macs(net.policy, fmap, hidden)
+            fc_state = net.fc.init_state(1, device, dtype)
 
-        def classifier_cost(t: int) -> int:
-            return count_macs(net.fc, pooled, fc_state, t)
+            def classifier_cost(t: int) -> int:
+                return count_macs(net.fc, pooled, fc_state, t)
 
-        glance_head = 0
-        if net.config.glance_head == "backbone" or not net.fc.is_rnn:
-            glance_head = count_macs(net.model_prime.head, pooled)
-        flops = [model_flops + classifier_cost(0) + glance_head]
-        for t in range(1, net.T):
-            flops.append(flops[-1] + policy_flops + model_flops + classifier_cost(t))
-        fc_flops = classifier_cost(net.T - 1) if net.T > 1 else classifier_cost(0)
-        return {"model_flops": model_flops, "policy_flops": policy_flops, "fc_flops": fc_flops,
-                "flops": flops}
+            glance_head = 0
+            if net.config.glance_head == "backbone" or not net.fc.is_rnn:
+                glance_head = count_macs(net.model_prime.head, pooled)
+            flops = [model_flops + classifier_cost(0) + glance_head]
+            for t in range(1, net.T):
+                flops.append(flops[-1] + policy_flops + model_flops + classifier_cost(t))
+            fc_flops = classifier_cost(net.T - 1) if net.T > 1 else classifier_cost(0)
+            return {"model_flops": model_flops, "policy_flops": policy_flops, "fc_flops": fc_flops,
+                    "flops": flops}
     finally:
         net.train(was_training)

@@ -275,7 +275,8 @@ class GFNet(nn.Module):
     # ----------------------------------------------------------------------------- inference
     @torch.no_grad()
     def anytime_predict(self, images: torch.Tensor, batch_size: Optional[int] = None,
-                        dtype=None, steps: Optional[int] = None) -> AnytimePrediction:
+                        dtype=None, steps: Optional[int] = None,
+                        pad_batches: Optional[bool] = None) -> AnytimePrediction:
         """Anytime prediction: the softmax after every step for every image.
 
         Args:
@@ -283,6 +284,9 @@ class GFNet(nn.Module):
             batch_size: split N into chunks of this size (None: one batch).
             dtype: None/"fp32", "bf16" or "fp16" (autocast; the softmax is computed in float32).
             steps: run only the first ``steps`` steps (default T).
+            pad_batches: run a chunk smaller than ``batch_size`` at the full batch shape (its last image
+                repeated, the extra rows discarded), so that a compiled model sees one shape and never
+                recompiles. Default: on when the model is compiled (:meth:`compile`) and ``batch_size`` is given.
         Returns:
             :class:`AnytimePrediction` with probs Tensor[T, N, classes] (float32) and actions
             Tensor[T-1, N, 2].
@@ -303,15 +307,19 @@ class GFNet(nn.Module):
             return AnytimePrediction(images.new_zeros(steps, 0, self.num_classes, dtype=torch.float32),
                                      images.new_zeros(steps - 1, 0, 2, dtype=torch.float32))
         bs = n if batch_size is None else batch_size
+        pad = self.compiled is not None and batch_size is not None if pad_batches is None else bool(pad_batches)
         probs, acts = [], []
         for start in range(0, n, bs):
             chunk = images[start:start + bs]
+            m = chunk.shape[0]
+            if pad and m < bs:
+                chunk = torch.cat([chunk, chunk[-1:].expand(bs - m, *chunk.shape[1:])])
             p, a = [], []
             with autocast(chunk.device, dtype):
                 for out in self.steps(chunk, steps):
-                    p.append(F.softmax(out.logits.float(), 1))
+                    p.append(F.softmax(out.logits[:m].float(), 1))
                     if out.actions is not None:
-                        a.append(out.actions.float())
+                        a.append(out.actions[:m].float())
             probs.append(torch.stack(p))
             acts.append(torch.stack(a) if a else chunk.new_zeros(0, chunk.shape[0], 2, dtype=torch.float32))
         return AnytimePrediction(torch.cat(probs, 1), torch.cat(acts, 1))
