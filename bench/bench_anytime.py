@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gfnet
-from gfnet.bench.common import check_close, make_rows, measure, resolve_device, use_threads
+from gfnet.bench.common import check_close, cold_compile_cache, make_rows, measure, resolve_device, use_threads
 from gfnet.data import IMAGENET_MEAN, IMAGENET_STD
 
 BACKBONES = ["mobilenetv3_large_100", "regnety_600m", "efficientnet_b2", "resnet50", "densenet121"]
@@ -62,7 +62,7 @@ def run(device=None, quick: bool = False, threads=None, batch_size=None, backbon
     """One row per (backbone, provider). quick: batch 8, two backbones, short timing. compile: also the
     modes eager bf16, compiled fp32 and compiled bf16 (:meth:`GFNet.compile`), compilation timed apart."""
     device = resolve_device(device)
-    with use_threads(threads):
+    with use_threads(threads), cold_compile_cache(compile):
         return _run(device, quick, batch_size, backbones, compile)
 
 

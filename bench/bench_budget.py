@@ -24,18 +24,24 @@ checked on it). Run: ``gfnet-bench budget [--quick] [--threads 2]``.
 """
 from __future__ import annotations
 
+import copy
 import statistics
+import time
 from typing import Optional, Sequence
 
 import torch
 
-from gfnet.bench.common import OutputMismatch, make_rows, measure, resolve_device, use_threads
+from gfnet.bench.common import OutputMismatch, cold_compile_cache, make_rows, measure, resolve_device, use_threads
 
 DEFAULT_POINTS = (5, 15, 25, 35)
 BASELINE = "all_steps"
 #: Confidences this close to a threshold may fall on either side (see the module docstring).
 AMBIGUOUS = 1e-5
-EXTRA_COLUMNS = ("macs_ratio", "time_ratio", "time_over_macs", "best_time_over_macs", "exit_shares")
+EXTRA_COLUMNS = ("macs_ratio", "time_ratio", "time_over_macs", "best_time_over_macs", "exit_shares", "compile_s")
+#: The name suffix of the compiled providers (gfnet-bench budget --compile), and of the unpadded compiled run.
+COMPILED = " compiled"
+UNPADDED = " unpadded (dynamic shapes)"
+BF16 = " bf16"
 NOTES = ("Randomly initialised GFNet on a stream of normal-noise images; the providers take turns, one run "
          "each per round. time/MACs near 1: wall-clock time follows the expected Multiply-Adds.")
 
@@ -62,20 +68,23 @@ def _check_exits(key, out, val_probs, thresholds) -> float:
 def run(device=None, quick: bool = False, threads=None, arch: str = "mobilenetv3_large_100",
         image_size: Optional[int] = None, patch_size: Optional[int] = None, T: Optional[int] = None,
         batch_size: Optional[int] = None, num_images: Optional[int] = None, points: Optional[Sequence[int]] = None,
-        repeats: Optional[int] = None, dtype=None, seed: int = 0) -> list:
+        repeats: Optional[int] = None, dtype=None, seed: int = 0, compile: bool = False) -> list:
     """Measure budgeted_predict against all T steps at several budgets; one row per provider.
 
     Defaults: S=224, P=96, T=5, B=64, N=8B=512 images, points 5/15/25/35, 3 rounds; ``quick``: S=96, P=48,
-    T=3, B=32, N=2B=64, points 5/25, 1 round.
+    T=3, B=32, N=2B=64, points 5/25, 1 round. ``compile``: also the same providers with the model compiled
+    (:meth:`GFNet.compile`; their ratios against the compiled all-steps run), compilation timed apart, and
+    one unpadded budgeted run (``pad_batches=False``: the tail's partial batches recompile the encoders with a
+    dynamic batch dimension) measured last, against the padded default.
     """
     device = resolve_device(device)
-    with use_threads(threads):
+    with use_threads(threads), cold_compile_cache(compile):
         return _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images, points, repeats,
-                    dtype, seed)
+                    dtype, seed, compile)
 
 
 def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images, points, repeats, dtype,
-         seed) -> list:
+         seed, compile=False) -> list:
     from gfnet import budget, build_model
     from gfnet.engine import budgeted_predict, step_flops
 
@@ -101,38 +110,85 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
     thresholds["budgeted none"] = torch.tensor([budget.NO_EXIT_THRESHOLD] * (T - 1) + [budget.LAST_STEP_THRESHOLD])
     val_probs = net.anytime_predict(images, batch_size=batch_size, dtype=dtype).probs.cpu()  # the baseline's output
 
-    def budgeted(key):
-        return budgeted_predict(net, images, thresholds[key], batch_size=batch_size, dtype=dtype, flops=flops)
+    # the modes: suffix of the provider names -> (model, autocast dtype)
+    modes = {"": (net, dtype)}
+    val_probs = {"": val_probs}
+    compile_s = {}
+    if compile:
+        compiled = copy.deepcopy(net).compile()
+        modes.update({COMPILED: (compiled, dtype), BF16: (net, "bf16"), COMPILED + BF16: (compiled, "bf16")})
+        for suffix in (COMPILED, BF16, COMPILED + BF16):
+            model, mode_dtype = modes[suffix]
+            start = time.perf_counter()  # the compiled modes' first call compiles (one batch shape): timed apart
+            val_probs[suffix] = model.anytime_predict(images, batch_size=batch_size, dtype=mode_dtype).probs.cpu()
+            if model is compiled:
+                compile_s[BASELINE + suffix] = time.perf_counter() - start
 
-    outputs = {key: budgeted(key) for key in thresholds}  # also the warm-up of every batch shape
-    agree = {key: _check_exits(key, out, val_probs, thresholds[key]) for key, out in outputs.items()}
+    def budgeted(key, suffix="", **kwargs):
+        model, mode_dtype = modes[suffix]
+        return budgeted_predict(model, images, thresholds[key], batch_size=batch_size, dtype=mode_dtype,
+                                flops=flops, **kwargs)
 
-    fns = {BASELINE: lambda: net.anytime_predict(images, batch_size=batch_size, dtype=dtype)}
-    fns.update({key: (lambda key=key: budgeted(key)) for key in thresholds})
+    outputs, agree, fns, pairs, mode_of = {}, {}, {}, {}, {}
+    for suffix, (model, mode_dtype) in modes.items():
+        fns[BASELINE + suffix] = (lambda m=model, d=mode_dtype: m.anytime_predict(images, batch_size=batch_size,
+                                                                                  dtype=d))
+        mode_of[BASELINE + suffix] = (suffix, None)
+        for key in thresholds:
+            name = key + suffix
+            mode_of[name] = (suffix, key)
+            outputs[name] = budgeted(key, suffix)  # also the warm-up of every batch shape
+            agree[name] = _check_exits(name, outputs[name], val_probs[suffix], thresholds[key])
+            fns[name] = (lambda key=key, suffix=suffix: budgeted(key, suffix))
     timings = measure(fns, min_run_time=0.0, rounds=repeats)
+    if compile:
+        # last, so that the dynamic-shape graphs it compiles serve none of the runs above
+        key = f"budgeted p={points[len(points) // 2]}"
+        unpadded = key + COMPILED + UNPADDED
+        mode_of[unpadded] = (COMPILED, key)
+        start = time.perf_counter()
+        outputs[unpadded] = budgeted(key, COMPILED, pad_batches=False)
+        compile_s[unpadded] = time.perf_counter() - start
+        agree[unpadded] = _check_exits(unpadded, outputs[unpadded], val_probs[COMPILED], thresholds[key])
+        timings.update(measure({unpadded: lambda: budgeted(key, COMPILED, pad_batches=False),
+                                BASELINE + COMPILED + " again": fns[BASELINE + COMPILED]},
+                               min_run_time=0.0, rounds=repeats))
+        # its ratios against an all-steps run measured in the same rounds
+        pairs[unpadded] = timings.pop(BASELINE + COMPILED + " again")
 
     all_macs = flops[-1]
-    base = timings[BASELINE]
-    extra = {BASELINE: {"budget": "all", "backbone": arch, "image_size": image_size, "patch_size": patch_size,
-                        "T": T, "images": num_images, "expected_macs": all_macs, "macs_ratio": 1.0,
-                        "time_ratio": 1.0, "time_over_macs": 1.0, "best_time_ratio": 1.0,
-                        "best_time_over_macs": 1.0}}
-    for key, out in outputs.items():
-        t = timings[key]
-        _, expected = budget.evaluate(val_probs, torch.zeros(num_images, dtype=torch.long), flops, thresholds[key])
+    base_row = {"budget": "all", "backbone": arch, "image_size": image_size, "patch_size": patch_size,
+                "T": T, "images": num_images, "expected_macs": all_macs, "macs_ratio": 1.0,
+                "time_ratio": 1.0, "time_over_macs": 1.0, "best_time_ratio": 1.0, "best_time_over_macs": 1.0}
+    extra = {}
+    for suffix, (model, _) in modes.items():
+        extra[BASELINE + suffix] = {**base_row, "compiled": model.compiled is not None,
+                                    "compile_s": compile_s.get(BASELINE + suffix)}
+    for name, out in outputs.items():
+        suffix, key = mode_of[name]
+        t = timings[name]
+        base = pairs.get(name) or timings[BASELINE + suffix]
+        _, expected = budget.evaluate(val_probs[suffix], torch.zeros(num_images, dtype=torch.long), flops,
+                                      thresholds[key])
         time_ratio = statistics.median(b / a for a, b in zip(base.round_medians, t.round_medians))
         best_time_ratio = min(t.times) / min(base.times)
         macs_ratio = expected / all_macs
         shares = torch.bincount(out.exit_step, minlength=T).double() / num_images
-        extra[key] = {**extra[BASELINE], "budget": key.split(" ", 1)[1],
-                      "thresholds": [float(v) for v in thresholds[key]], "expected_macs": expected,
-                      "spent_macs_per_image": out.macs_per_image, "macs_ratio": macs_ratio,
-                      "time_ratio": time_ratio, "time_over_macs": time_ratio / macs_ratio,
-                      "best_time_ratio": best_time_ratio, "best_time_over_macs": best_time_ratio / macs_ratio,
-                      "target_met": best_time_ratio / macs_ratio <= 1.15,
-                      "exit_shares": [round(float(s), 4) for s in shares],
-                      "partial_batches": out.partial_batches, "batches": int(out.step_batches.sum()),
-                      "exits_equal_simulation": agree[key]}
+        extra[name] = {**base_row, "budget": key.split(" ", 1)[1], "compiled": modes[suffix][0].compiled is not None,
+                       "padded": not name.endswith(UNPADDED), "compile_s": compile_s.get(name),
+                       "thresholds": [float(v) for v in thresholds[key]], "expected_macs": expected,
+                       "spent_macs_per_image": out.macs_per_image, "macs_ratio": macs_ratio,
+                       "time_ratio": time_ratio, "time_over_macs": time_ratio / macs_ratio,
+                       "best_time_ratio": best_time_ratio, "best_time_over_macs": best_time_ratio / macs_ratio,
+                       "target_met": best_time_ratio / macs_ratio <= 1.15,
+                       "exit_shares": [round(float(v), 4) for v in shares],
+                       "partial_batches": out.partial_batches, "batches": int(out.step_batches.sum()),
+                       "exits_equal_simulation": agree[name]}
     case = f"{arch} S={image_size} P={patch_size} T={T}, {num_images} images"
-    return make_rows("budget", case, timings, BASELINE, device=device, dtype=str(dtype or "float32"),
+    rows = make_rows("budget", case, timings, BASELINE, device=device, dtype=str(dtype or "float32"),
                      batch=batch_size, items=num_images, unit="images/s", extra=extra)
+    for row in rows:
+        model, mode_dtype = modes[mode_of[row.provider][0]]
+        row.dtype = ("bf16 autocast" if mode_dtype == "bf16" else str(mode_dtype or "float32")) + \
+            (", compiled" if model.compiled is not None else "")
+    return rows

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gfnet.bench.common import OutputMismatch, make_rows, measure, resolve_device, use_threads
+from gfnet.bench.common import OutputMismatch, cold_compile_cache, make_rows, measure, resolve_device, use_threads
 from gfnet.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ReferenceTrainStep", "run"]
@@ -112,14 +112,15 @@ def _setup(device: torch.device, quick: bool) -> dict:
         return dict(arch="resnet18", image_size=64, patch_size=32, T=3, batch=8, classes=10, rounds=2)
     if device.type == "cuda":
         return dict(arch="resnet50", image_size=224, patch_size=96, T=5, batch=128, classes=1000, rounds=20)
-    return dict(arch="resnet18", image_size=224, patch_size=96, T=3, batch=32, classes=1000, rounds=7)
+    # the configuration of issue 14's targets: ResNet-50, P=96, T=5, batch 16
+    return dict(arch="resnet50", image_size=224, patch_size=96, T=5, batch=16, classes=1000, rounds=5)
 
 
 def run(device=None, quick: bool = False, threads=None, compile: bool = False) -> list:
     """Time the providers on stage-1 and stage-3 steps; one row per (stage, provider). ``compile``: also the
     compiled modes (eager fp32, compiled fp32, bf16, compiled bf16), their compilation timed apart."""
     device = resolve_device(device)
-    with use_threads(threads):
+    with use_threads(threads), cold_compile_cache(compile):
         return _run(device, quick, compile)
 
 

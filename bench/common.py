@@ -9,6 +9,7 @@
 - :func:`check_close` / :class:`OutputMismatch`: every suite compares each provider's output with its
   baseline's *before* timing; a benchmark of a wrong answer is worthless.
 - :func:`use_threads`: the ``--threads`` of every suite (torch's CPU thread pool, restored afterwards).
+- :func:`cold_compile_cache`: the compiled modes' compilation timed from a cold cache.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import torch.utils.benchmark as benchmark
 
 from gfnet.bench.rows import Row
 
-__all__ = ["Timing", "OutputMismatch", "resolve_device", "use_threads", "measure", "paired_ratios",
-           "make_rows", "check_close"]
+__all__ = ["Timing", "OutputMismatch", "resolve_device", "use_threads", "cold_compile_cache", "measure",
+           "paired_ratios", "make_rows", "check_close"]
 
 
 class OutputMismatch(AssertionError):
@@ -66,6 +67,22 @@ def use_threads(threads: Optional[int]) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def cold_compile_cache(enabled: bool = True) -> Iterator[None]:
+    """Run the block with torch.compile's on-disk caches (inductor's compiled graphs and kernels) in a fresh
+    temporary directory, removed afterwards: a suite's compile_s is then what a first run pays, not a hit of
+    an earlier benchmark's cache. Also forgets dynamo's in-memory graphs of earlier suites."""
+    if not enabled:
+        yield
+        return
+    import torch._inductor.utils as inductor_utils
+
+    fresh = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch._dynamo.reset()
+    with fresh():
+        yield
 
 
 def measure(fns: Mapping[str, Callable[[], object]], min_run_time: float, rounds: int = 1) -> dict:

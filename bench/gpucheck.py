@@ -3,11 +3,13 @@
 It runs, with compiled kernels: the ``cuda``-marked tests; the Triton kernels against their references for
 fp32/bf16/fp16 outputs, uint8 NCHW/NHWC, float channels-last and strided input and a large batch; the bilinear
 crop's gradients and its determinism flag; NaN through every kernel; torch.compile (inductor, and
-reduce-overhead) over the ops; budgeted inference under CUDA graphs for uint8 and float input in fp32/bf16/fp16,
-equal to the post-hoc simulation; trainer steps in bf16 and fp16; DALI's GPU pipeline where DALI is installed;
-a second GPU where there is one; then the quick variant of every benchmark suite. It writes
-``DIR/gpucheck.json`` (one record per check: name, status passed/failed/skipped, reason, seconds, details;
-and the card, driver, torch, CUDA and Triton versions) and ``DIR/gpucheck.md``, and exits 1 if a check failed.
+reduce-overhead) over the ops; a model compiled with ``net.compile()`` (anytime, budgeted inference with CUDA
+graphs replaying the compiled steps, a bf16 training step); budgeted inference under CUDA graphs for uint8
+and float input in fp32/bf16/fp16, equal to the post-hoc simulation; trainer steps in bf16 and fp16; DALI's GPU
+pipeline where DALI is installed; a second GPU where there is one; then the quick variant of every benchmark
+suite. It writes ``DIR/gpucheck.json`` (one record per check: name, status passed/failed/skipped, reason,
+seconds, details; and the card, driver, torch, CUDA and Triton versions) and ``DIR/gpucheck.md``, and exits 1
+if a check failed.
 
 ``--dry-run`` runs the same checks on the CPU (Triton interpreted; CUDA-only checks recorded as skipped with
 the reason), so that machines without a GPU keep the command working.
@@ -302,6 +304,56 @@ def check_budgeted(ctx: Context) -> dict:
     return results
 
 
+def check_compiled_model(ctx: Context) -> dict:
+    """net.compile() (inductor): anytime inference close to eager; budgeted inference (on a GPU with CUDA graphs
+    replaying the compiled steps) equal to the post-hoc simulation on the compiled model's own probabilities,
+    with one compiled batch shape; a compiled bf16 training step close to the eager one."""
+    import copy
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from gfnet import budget
+    from gfnet.engine import budgeted_predict
+    from gfnet.train import Trainer, TrainOptions
+    from gfnet.train.distributed import DistributedContext
+    torch._dynamo.reset()
+    eager = _tiny_net("resnet10t", T=3).to(ctx.device)
+    net = copy.deepcopy(eager).compile()
+    n, size, batch = (21, 64, 8) if ctx.dry_run else (300, 96, 32)
+    images = _images(n, size, torch.uint8, "hwc", ctx.device, seed=11)
+    want = eager.anytime_predict(images, batch_size=batch)
+    got = net.anytime_predict(images, batch_size=batch)  # a partial last chunk: padded, no recompilation
+    torch.testing.assert_close(got.probs, want.probs, atol=2e-4, rtol=1e-3,
+                               msg=lambda m: f"compiled anytime_predict against eager: {m}")
+    graphs = counters["stats"]["unique_graphs"]
+    thresholds, margin = budget.separated_thresholds(budget.confidences(got.probs)[0].cpu(), (0.3, 0.3))
+    steps = budget.exit_steps(got.probs.cpu(), thresholds)
+    preds = got.preds.cpu().gather(0, steps.view(1, -1)).squeeze(0)
+    out = budgeted_predict(net, images, thresholds, batch_size=batch, cuda_graphs=ctx.cuda,
+                           image_storage="rows", flops=[1.0, 2.0, 3.0])
+    if not (torch.equal(out.exit_step, steps) and torch.equal(out.preds, preds)):
+        raise AssertionError(f"compiled budgeted_predict differs from the simulation on the compiled model's "
+                             f"probabilities ({int((out.exit_step != steps).sum())} exit steps; threshold margin "
+                             f"{margin:.3g})")
+    if ctx.cuda and not out.cuda_graphs:
+        raise AssertionError("compiled budgeted_predict: CUDA graphs did not run")
+    if counters["stats"]["unique_graphs"] != graphs:
+        raise AssertionError("compiled budgeted_predict compiled new graphs: its partial batches were not padded")
+    losses = {}
+    labels = torch.arange(8, device=ctx.device) % 10
+    train_images = _images(8, 64, torch.uint8, "hwc", ctx.device, seed=12)
+    for use_compile in (False, True):
+        model = _tiny_net("resnet10t", T=3, seed=5).to(ctx.device).train()
+        trainer = Trainer(model, TrainOptions(stage=1, epochs=1, amp="bf16", compile=use_compile, seed=3),
+                          ctx=DistributedContext(device=ctx.device))
+        torch.manual_seed(7)
+        losses["compiled" if use_compile else "eager"] = float(trainer.train_step(train_images, labels)["loss"])
+    if abs(losses["compiled"] - losses["eager"]) > 0.05 * abs(losses["eager"]):
+        raise AssertionError(f"compiled bf16 training step: loss {losses['compiled']} against eager {losses['eager']}")
+    return {"images": n, "cuda_graphs": out.cuda_graphs, "graphs": graphs, "bf16_step_loss": losses}
+
+
 def check_trainer(ctx: Context) -> dict:
     """Trainer steps in bf16 and fp16 (GradScaler) on a tiny model: finite losses, weights that move."""
     import torch
@@ -403,6 +455,7 @@ CHECKS: dict = {
     "nan": check_nan,
     "compile": check_compile,
     "budgeted": check_budgeted,
+    "compiled_model": check_compiled_model,
     "trainer": check_trainer,
     "dali": check_dali,
     "second_gpu": check_second_gpu,

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads for every suite (data: also loader workers); default: torch's setting")
     p.add_argument("--compile", action="store_true",
-                   help="anytime and train suites: also the torch.compile modes (compiled fp32, compiled bf16)")
+                   help="anytime, budget and train suites: also the modes eager bf16, compiled fp32 and compiled bf16 "
+                        "(net.compile(); compilation timed apart)")
     p.add_argument("--out-dir", default=None,
                    help="write <suite>_<device>.json, .md and .png here (checked writable before running)")
     p.add_argument("--note", default=None,
