@@ -82,3 +82,16 @@ def test_budget_suite_refuses_exits_that_differ_from_the_simulation():
         _check_exits("p=5", wrong, probs, thresholds)
     # a confidence within 1e-5 of its threshold may fall either way
     assert _check_exits("p=5", wrong, probs, torch.tensor([0.9 - 1e-6, -1e8])) == 0.5
+
+
+def test_bench_settings_reach_the_suite_and_are_checked():
+    from gfnet.bench import bench_budget
+    from gfnet.cli._errors import UsageError
+    from gfnet.cli.bench import _settings
+
+    got = _settings(["num_images=2048", "arch=resnet50", "points=(5, 15)"], "budget", bench_budget)
+    assert got == {"num_images": 2048, "arch": "resnet50", "points": (5, 15)}
+    with pytest.raises(UsageError, match="suite 'budget' takes .*num_images"):
+        _settings(["images=3"], "budget", bench_budget)
+    with pytest.raises(UsageError, match="NAME=VALUE"):
+        _settings(["num_images"], "budget", bench_budget)

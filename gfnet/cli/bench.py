@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="anytime, budget and train suites: also the modes eager bf16, compiled fp32 and compiled bf16 "
                         "(net.compile(); compilation timed apart)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="a keyword of the suite's run() (e.g. budget: num_images=2048, batch_size=32, arch=resnet50);"
+                        " repeatable; the value is read as a Python literal where it parses as one, else as text")
     p.add_argument("--out-dir", default=None,
                    help="write <suite>_<device>.json, .md and .png here (checked writable before running)")
     p.add_argument("--note", default=None,
@@ -74,6 +77,26 @@ def main(argv=None) -> int:
     return run_command("gfnet-bench", lambda: _bench(args))
 
 
+def _settings(pairs, name: str, module) -> dict:
+    """The ``--set NAME=VALUE`` pairs as keywords of ``module.run`` (checked against its signature)."""
+    import ast
+
+    accepted = set(inspect.signature(module.run).parameters) - {"device", "quick", "threads", "compile"}
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set takes NAME=VALUE, got {pair!r}")
+        if key not in accepted:
+            raise UsageError(f"--set {key}: suite {name!r} takes {', '.join(sorted(accepted)) or 'no settings'}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
 def _bench(args) -> int:
     from gfnet.bench.common import resolve_device
     from gfnet.bench.rows import check_writable, environment, markdown_table, write_results
@@ -83,6 +106,7 @@ def _bench(args) -> int:
     if unknown:
         raise UsageError(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)} or 'all'")
     modules = {name: load_suite(name) for name in names}  # a suite missing from this install fails before any runs
+    settings = {name: _settings(args.settings, name, module) for name, module in modules.items()}
     parse_device(args.device)
     if args.out_dir:  # fail now, not after minutes of measurement
         prepare_output_dir(args.out_dir, "--out-dir")
@@ -93,7 +117,10 @@ def _bench(args) -> int:
     stamp = environment(device, note=args.note)
     for name, module in modules.items():
         env = {**stamp, "load_average": [round(v, 2) for v in os.getloadavg()]}
+        if settings[name]:
+            env["settings"] = dict(settings[name])
         kwargs = {"compile": True} if args.compile and "compile" in inspect.signature(module.run).parameters else {}
+        kwargs.update(settings[name])
         rows = module.run(device=str(device), quick=args.quick, threads=args.threads, **kwargs)
         env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         extra_columns = getattr(module, "EXTRA_COLUMNS", ())
