@@ -292,7 +292,7 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
                         real_exit_points: Sequence[int] = DEFAULT_REAL_EXIT_POINTS, num_threads: Optional[int] = None,
                         log: Optional[Callable[[str], None]] = print, arch: Optional[str] = None,
                         patch_size: Optional[int] = None, T: Optional[int] = None, ctx=None,
-                        compile: bool = False) -> EvaluationResult:
+                        compile: bool = False, channels_last: bool = False) -> EvaluationResult:
     """Evaluate a GFNet checkpoint as the reference's inference.py eval modes 0, 1 and 2 do.
 
     Args:
@@ -315,6 +315,8 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
             process must call this function with the same arguments.
         compile: compile the encoders with torch.compile (:meth:`GFNet.compile`); the first batches of
             each pass take longer while they compile.
+        channels_last: encoders in channels-last memory format (faster convolutions; results differ from the
+            reference's contiguous ones by float rounding, which can move an image across a threshold).
     Returns:
         :class:`EvaluationResult`: complete on rank 0; on the other ranks only ``mode``, ``summary``,
         ``dynamic_threshold`` and (with ``real_exit``) ``real_exit`` are filled.
@@ -347,6 +349,8 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
         net = net.to(device)
     model_device = next(net.parameters()).device
     configure_device(model_device)  # cuDNN benchmark and TF32 on a GPU
+    if channels_last:
+        net.to_channels_last()
     if compile:
         net.compile()
     config = net.config

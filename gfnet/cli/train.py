@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="mixed precision (auto: bf16 on GPUs that have it, fp16 on older ones, none on the CPU)")
-    r.add_argument("--channels-last", action="store_true", help="channels-last encoders")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last encoders (default on: faster convolutions with oneDNN and cuDNN)")
     r.add_argument("--compile", action="store_true",
                    help="compile the encoders with torch.compile (the first steps take longer while they compile)")
     r.add_argument("--device", help="cpu, cuda, cuda:K (default: this process's GPU if any, else cpu)")
