@@ -9,10 +9,11 @@ the same groups. Providers:
   the focus crop as a Python loop over the batch with ``.item()`` host syncs per sample, an ``nn.GRU``
   classifier with its hidden state threaded by hand, deep supervision, ``loss.backward()``, SGD step;
   stage 3 samples the policy's actions around its mean (std 0.1), clamped to [0, 1].
-- ``gfnet-fp32``: :meth:`gfnet.train.Trainer.train_step` (fused glance/focus ops on uint8 input,
-  which normalise in the same pass; batched crop without host syncs).
-- ``gfnet-bf16``: the same with bf16 autocast and channels-last encoders (the GPU configuration; on a
-  CPU without native bf16 units it may be slower, and the table says so).
+- ``gfnet-fp32``: :meth:`gfnet.train.Trainer.train_step` with its defaults (fused glance/focus ops on uint8
+  input, which normalise in the same pass; batched crop without host syncs; channels-last encoders).
+- ``gfnet-bf16``: the same with bf16 autocast (on a CPU without native bf16 units it may be slower, and the
+  table says so).
+- with ``compile``: ``gfnet-fp32-compiled`` and ``gfnet-bf16-compiled``, the same with ``TrainOptions(compile=True)``.
 
 Before timing, each provider's first step runs from the same weights and the same seed (so the same random
 patch positions: both draw them from torch's generator in the same order) and its loss is compared with
@@ -149,8 +150,7 @@ def _run(device: torch.device, quick: bool, compile: bool = False) -> list:
                 steps[provider] = (lambda s=step: s(images_f32, labels))
             else:
                 amp = "bf16" if provider.startswith("gfnet-bf16") else "none"
-                trainer = Trainer(net, TrainOptions(stage=stage, epochs=1, amp=amp, dsn_ratio=1.0,
-                                                    channels_last=amp == "bf16", progress=False,
+                trainer = Trainer(net, TrainOptions(stage=stage, epochs=1, amp=amp, dsn_ratio=1.0, progress=False,
                                                     compile=provider in COMPILED))
                 trainer._set_modes()
                 steps[provider] = (lambda t=trainer: t.train_step(images_u8, labels)["loss"].item())
@@ -174,6 +174,7 @@ def _run(device: torch.device, quick: bool, compile: bool = False) -> list:
         for row in make_rows("train", case, timings, BASELINE, device=device, dtype="float32", batch=N, items=N,
                              unit="images/s", extra=extra):
             row.dtype = ("bf16 autocast" if row.provider.startswith("gfnet-bf16") else "float32") + \
-                (", compiled" if row.provider in COMPILED else "")
+                (", compiled" if row.provider in COMPILED else "") + \
+                (", channels-last" if row.provider != BASELINE else "")
             rows.append(row)
     return rows
