@@ -294,3 +294,19 @@ def test_cli_train_stage1_then_2_on_sample_tree(tmp_path):
     net = gfnet.load_checkpoint(str(tmp_path / "s2" / "checkpoint.pth.tar"))
     assert net.T == 2 and net.meta["anytime_classification"] is not None
     assert main(common + ["--stage", "2", "--out", str(tmp_path / "s3")]) == 2  # no checkpoint: a clear error
+
+
+def test_channels_last_is_the_default_and_can_be_turned_off():
+    from gfnet.cli.train import build_parser
+
+    conv_weights = lambda net: [m.weight for m in net.model.modules() if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
+    net = tiny_net()
+    Trainer(net, TrainOptions(stage=1, epochs=1, progress=False))
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(net))
+    assert any(not w.is_contiguous() for w in conv_weights(net))
+    net = tiny_net()
+    Trainer(net, TrainOptions(stage=1, epochs=1, progress=False, channels_last=False))
+    assert all(w.is_contiguous() for w in conv_weights(net))
+    base = ["--data", "d", "--arch", "resnet18", "--stage", "1", "--out", "o"]
+    assert build_parser().parse_args(base).channels_last is True
+    assert build_parser().parse_args(base + ["--no-channels-last"]).channels_last is False
