@@ -111,3 +111,18 @@ def test_eval_mode_0_computes_nothing_and_offers_nothing(bf16_cpu, tmp_path, cap
 
     assert main(["--checkpoint", str(tmp_path / "no_such.pth.tar"), "--eval-mode", "0"]) != 0
     assert "native bf16 units" not in capsys.readouterr().err
+
+
+def test_offer_quotes_the_measurement_files(bf16_cpu):
+    """The numbers in the note are those of the files it names (a rerun that changes them must update it)."""
+    import json
+    import pathlib
+
+    results = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results"
+    line = bf16_offer("cpu", "auto")
+    demo = json.loads((results / "demo_bf16_cpu.json").read_text())["summary"]["step3_mean_5_seeds"]
+    for key in ("fp32_fp32", "fp32_train_bf16_eval", "bf16_bf16"):
+        assert f"{demo[key]:.1f}%" in line
+    anytime = (results / "anytime_compile_cpu.md").read_text()
+    for row, ratio in (("| gfnet (bf16 autocast) |", "1.58x"), ("| gfnet compiled (bf16 autocast) |", "2.28x")):
+        assert any(row in r and f"| {ratio} |" in r for r in anytime.splitlines()) and ratio in line
