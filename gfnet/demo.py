@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 import gfnet
 from gfnet import budget
+from gfnet.precision import amp_dtype, autocast
 from gfnet.train import TensorLoader, Trainer, TrainOptions
 from gfnet.viz.report import CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE, render_report
 
-__all__ = ["DemoConfig", "QUICK", "ClutteredDigitsLoader", "make_cluttered_digits", "digit_patch_actions",
-           "pretrain_encoders", "anytime_accuracy", "run_demo"]
+__all__ = ["DemoConfig", "QUICK", "DEMO_AMP", "ClutteredDigitsLoader", "make_cluttered_digits",
+           "digit_patch_actions", "pretrain_encoders", "anytime_accuracy", "checkpoint_anytime_accuracy", "run_demo"]
 
 log = logging.getLogger("gfnet.demo")
 
@@ -70,6 +71,11 @@ class DemoConfig:
     policy_lr: float = 3e-3
     lr3: float = 1e-3
     seed: int = 0
+
+
+#: The demo's precisions (``gfnet-demo --amp``): "none" (fp32, the published numbers) or "bf16" (bf16
+#: autocast for training and evaluation alike; the weights and optimiser state stay fp32).
+DEMO_AMP = ("none", "bf16")
 
 
 #: The ``--quick`` configuration: the same pipeline at a toy size (tests; well under a minute).
@@ -179,13 +185,14 @@ def digit_patch_actions(boxes: torch.Tensor, canvas: int, digit_size: int, patch
     return ((corner.float() + 0.5) / max(canvas - patch_size, 1)).clamp(0, 1)
 
 
-def pretrain_encoders(net, loader: ClutteredDigitsLoader, epochs: int = 2, lr: float = 3e-3, seed: int = 0) -> dict:
+def pretrain_encoders(net, loader: ClutteredDigitsLoader, epochs: int = 2, lr: float = 3e-3, seed: int = 0,
+                      amp: Optional[str] = None) -> dict:
     """The demo's stand-in for the ImageNet initialisation the reference starts stage 1 from.
 
     Trains each encoder with its own head as a plain digit classifier (Adam): the global encoder on
     glances (whole canvases shrunk to P x P), the local encoder on P x P patches that contain the
-    digit. Uses the digit boxes, which GFNet itself never sees. Returns the last epoch's training
-    accuracy (%) of each encoder.
+    digit. Uses the digit boxes, which GFNet itself never sees. ``amp``: None/"none" (fp32) or "bf16"
+    (the forward passes under bf16 autocast). Returns the last epoch's training accuracy (%) of each encoder.
     """
     g = torch.Generator().manual_seed(seed)
     P, batch_size, digit_size = net.patch_size, loader.batch_size, loader.config.digit_size
@@ -204,11 +211,12 @@ def pretrain_encoders(net, loader: ClutteredDigitsLoader, epochs: int = 2, lr: f
             x, y = images[b], labels[b]
             actions = digit_patch_actions(boxes[b], canvas, digit_size, P, g)
             loss = 0.0
-            for name, encoder, inp in (("global", net.model_prime, net.glance_input(x, "bicubic")),
-                                       ("local", net.model, net.focus_input(x, actions))):
-                logits = encoder.head(encoder(inp)[0])
-                loss = loss + F.cross_entropy(logits, y)
-                hits[name] += int((logits.argmax(1) == y).sum())
+            with autocast(x.device, amp):
+                for name, encoder, inp in (("global", net.model_prime, net.glance_input(x, "bicubic")),
+                                           ("local", net.model, net.focus_input(x, actions))):
+                    logits = encoder.head(encoder(inp)[0])
+                    loss = loss + F.cross_entropy(logits, y)  # autocast computes it in float32
+                    hits[name] += int((logits.argmax(1) == y).sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -221,21 +229,24 @@ def pretrain_encoders(net, loader: ClutteredDigitsLoader, epochs: int = 2, lr: f
 
 @torch.no_grad()
 def anytime_accuracy(net, images: torch.Tensor, labels: torch.Tensor, policy: str = "learned",
-                     batch_size: int = 256, seed: int = 0, glance_mode: Optional[str] = None):
+                     batch_size: int = 256, seed: int = 0, glance_mode: Optional[str] = None,
+                     amp: Optional[str] = None):
     """Top-1 accuracy (%) after each step with the ``learned`` policy (mean actions) or ``random``
-    patch positions (uniform, seeded), plus the softmax outputs Tensor[T, N, classes] and the actions
-    Tensor[T-1, N, 2]. ``net`` must be in eval mode."""
+    patch positions (uniform, seeded), plus the softmax outputs Tensor[T, N, classes] float32 and the
+    actions Tensor[T-1, N, 2] float32. ``net`` must be in eval mode. ``amp``: None/"none" (fp32) or
+    "bf16" (every step under bf16 autocast; the softmax in float32)."""
     g = torch.Generator().manual_seed(seed)
     probs, actions = [], []
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size]
-        out = net.step(0, x, glance_mode=glance_mode)
-        p, a = [F.softmax(out.logits.float(), 1)], []
-        for t in range(1, net.T):
-            act = torch.rand(x.shape[0], 2, generator=g) if policy == "random" else None
-            out = net.step(t, x, out.state, actions=act)
-            p.append(F.softmax(out.logits.float(), 1))
-            a.append(out.actions.float())
+        with autocast(x.device, amp):
+            out = net.step(0, x, glance_mode=glance_mode)
+            p, a = [F.softmax(out.logits.float(), 1)], []
+            for t in range(1, net.T):
+                act = torch.rand(x.shape[0], 2, generator=g) if policy == "random" else None
+                out = net.step(t, x, out.state, actions=act)
+                p.append(F.softmax(out.logits.float(), 1))
+                a.append(out.actions.float())
         probs.append(torch.stack(p))
         actions.append(torch.stack(a))
     probs, actions = torch.cat(probs, 1), torch.cat(actions, 1)
@@ -255,12 +266,26 @@ def _write_json(path: str, obj: dict) -> None:
 REPORT_IMAGES = 8
 
 
+def checkpoint_anytime_accuracy(path: str, config: DemoConfig = DemoConfig(), amp: Optional[str] = None) -> list:
+    """Anytime accuracy (%, one per step) of a demo checkpoint on the demo's held-out canvases (rebuilt
+    from ``config``'s seed and sizes) with the learned policy, under ``amp`` (None/"none" fp32, or "bf16"):
+    how a network trained in one precision classifies when evaluated in another."""
+    c = config
+    net = gfnet.load_checkpoint(path).eval()
+    test_x, test_y, _ = make_cluttered_digits(c.test_images, "test", c.canvas, c.digit_size, c.fragments, c.seed)
+    return anytime_accuracy(net, test_x, test_y, "learned", amp=amp)[0]
+
+
 def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = True,
-             threads: Optional[int] = None) -> dict:
+             threads: Optional[int] = None, amp: str = "none") -> dict:
     """Build the task, train stages 1-3, evaluate, write the report folder; returns the results dict.
 
     The results state (``claims``) whether accuracy after T steps beats the glance and the learned
     policy beats random patch positions, by how much, on held-out digits.
+
+    ``amp``: "none" (fp32: the published numbers) or "bf16": encoder pre-training, the three stages
+    (:class:`TrainOptions` ``amp``) and every evaluation run under bf16 autocast; results.json records it
+    as ``precision``.
 
     ``demo.log`` receives the gfnet.demo and gfnet.train records that the application's logging
     configuration lets through (``gfnet-demo`` lets INFO through; a library never sets logger levels).
@@ -271,9 +296,11 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = T
     loggers = [logging.getLogger("gfnet.demo"), logging.getLogger("gfnet.train")]
     for lg in loggers:
         lg.addHandler(handler)
+    if amp not in DEMO_AMP:
+        raise ValueError(f"amp must be one of {DEMO_AMP}; got {amp!r}")
     prev_threads = torch.get_num_threads()
     try:
-        return _run_demo(out_dir, config, progress, threads)
+        return _run_demo(out_dir, config, progress, threads, amp)
     finally:
         torch.set_num_threads(prev_threads)
         for lg in loggers:
@@ -281,7 +308,7 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = T
         handler.close()
 
 
-def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optional[int]) -> dict:
+def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optional[int], amp: str) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     if threads:
         torch.set_num_threads(threads)
@@ -293,12 +320,12 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     net.config = net.config.replace(image_size=c.canvas)
     t_pre = time.perf_counter()
     train_loader = ClutteredDigitsLoader(c.train_images, c, c.batch_size, seed=c.seed, epoch_offset=1000)
-    pre_acc = pretrain_encoders(net, train_loader, c.pretrain_epochs, c.pretrain_lr, c.seed) \
+    pre_acc = pretrain_encoders(net, train_loader, c.pretrain_epochs, c.pretrain_lr, c.seed, amp) \
         if c.pretrain_epochs > 0 else {}
     log.info("encoder pre-training: %.0f s", time.perf_counter() - t_pre)
     eval_loader = TensorLoader(test_x, test_y, 256, train=False)
     histories = {}
-    common = dict(progress=progress, seed=c.seed, train_global=True, dsn_ratio=1.0, log_every=5)
+    common = dict(progress=progress, seed=c.seed, train_global=True, dsn_ratio=1.0, log_every=5, amp=amp)
     for stage, epochs, extra in ((1, c.epochs1, dict(backbone_lr=c.lr)),
                                  # continue_policy: PPO starts from the policy the network was built with
                                  # (untrained either way: stage 1 uses random patches). The reference's
@@ -314,12 +341,12 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         histories[stage] = trainer.fit(train_loader, eval_loader)
         log.info("stage %d: %.0f s, %s", stage, time.perf_counter() - t_stage, histories[stage][-1])
     net.eval()
-    learned, test_probs, _ = anytime_accuracy(net, test_x, test_y, "learned")
-    rand_acc, _, _ = anytime_accuracy(net, test_x, test_y, "random", seed=c.seed + 1)
+    learned, test_probs, _ = anytime_accuracy(net, test_x, test_y, "learned", amp=amp)
+    rand_acc, _, _ = anytime_accuracy(net, test_x, test_y, "random", seed=c.seed + 1, amp=amp)
     # Thresholds are fitted on training canvases (the reference fits them on training images).
     fit_x, fit_y, _ = train_loader.canvases(0)
     fit_x, fit_y = fit_x[:2000], fit_y[:2000]
-    _, train_probs, _ = anytime_accuracy(net, fit_x, fit_y, "learned")
+    _, train_probs, _ = anytime_accuracy(net, fit_x, fit_y, "learned", amp=amp)
     thresholds, budget_acc, budget_flops = budget.budget_curve(train_probs, fit_y, test_probs, test_y,
                                                                net.meta["flops"])
     net.meta.update({"anytime_classification": learned, "dynamic_threshold": thresholds,
@@ -332,6 +359,8 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     results = {
         "label": f"GFNet demo ({net.arch}, T={net.T})",
         "task": {**asdict(c), "train_digits": "80% of sklearn digits", "test_digits": "the other 20%"},
+        # fp32, or bf16 autocast for training and evaluation (weights and optimiser state in fp32)
+        "precision": "fp32" if amp_dtype(amp) is None else "bf16 autocast",
         "anytime_accuracy_learned_policy": learned,
         "anytime_accuracy_random_patches": rand_acc,
         "glance_accuracy": glance,

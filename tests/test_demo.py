@@ -15,16 +15,25 @@ from gfnet.viz.report import BUDGET_CURVE_FILE, CHECKPOINT_FILE, PATCHES_FILE, R
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    """One real ``gfnet-demo --quick`` run shared by the tests below: (folder, results dict)."""
+PRECISION = {"none": "fp32", "bf16": "bf16 autocast"}  # gfnet-demo --amp -> results.json's "precision"
+
+
+@pytest.fixture(scope="module", params=["none", "bf16"])
+def quick_demo(request, tmp_path_factory):
+    """One real ``gfnet-demo --quick --amp AMP`` run per precision, shared by the tests below:
+    (folder, results dict). The default (fp32) run passes no --amp."""
     from gfnet.cli.demo import main
 
     prev = torch.get_num_threads()
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["--out", str(out), "--quick", "--no-progress", "--threads", "1"]) == 0
+    amp = ["--amp", request.param] if request.param != "none" else []
+    assert main(["--out", str(out), "--quick", "--no-progress", "--threads", "1", *amp]) == 0
     assert torch.get_num_threads() == prev  # the demo restores the caller's thread count
-    return out, json.loads((out / RESULTS_FILE).read_text())
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert results["precision"] == PRECISION[request.param]
+    for stage in (1, 2, 3):  # every stage trained in that precision (the trainer's log says which)
+        assert f"amp {request.param};" in (out / f"stage{stage}" / "train.log").read_text()
+    return out, results
 
 
 def test_cluttered_digits_place_the_digit_at_its_box():
@@ -54,9 +63,11 @@ def test_demo_numbers_and_claims_match_a_recomputation(quick_demo):
     c = QUICK
     net = gfnet.load_checkpoint(str(out / CHECKPOINT_FILE)).eval()
     assert net.T == c.T and net.patch_size == c.patch_size
-    # The held-out canvases again (seeded), through the checkpoint with the model's own anytime path.
+    # The held-out canvases again (seeded), through the checkpoint with the model's own anytime path, in
+    # the precision the demo evaluated in.
     test_x, test_y, _ = make_cluttered_digits(c.test_images, "test", c.canvas, c.digit_size, c.fragments, c.seed)
-    probs = net.anytime_predict(test_x).probs
+    dtype = {"fp32": None, "bf16 autocast": "bf16"}[results["precision"]]
+    probs = net.anytime_predict(test_x, dtype=dtype).probs
     acc = (probs.argmax(-1) == test_y).double().mean(1).mul(100).tolist()
     one_image = 100.0 / c.test_images + 1e-9  # a tie broken otherwise flips at most one image
     assert results["anytime_accuracy_learned_policy"] == pytest.approx(acc, abs=one_image)
@@ -80,6 +91,15 @@ def test_demo_numbers_and_claims_match_a_recomputation(quick_demo):
     from gfnet.flops import compute_flops
 
     assert results["flops_per_step_cumulative"] == compute_flops(net)["flops"]
+
+
+def test_checkpoint_anytime_accuracy_reproduces_the_demo_in_its_precision(quick_demo):
+    from gfnet.demo import checkpoint_anytime_accuracy
+
+    out, results = quick_demo
+    amp = {"fp32": "none", "bf16 autocast": "bf16"}[results["precision"]]
+    acc = checkpoint_anytime_accuracy(str(out / CHECKPOINT_FILE), QUICK, amp)
+    assert acc == pytest.approx(results["anytime_accuracy_learned_policy"], abs=100.0 / QUICK.test_images + 1e-9)
 
 
 def test_report_reads_the_real_demo_folder(quick_demo, capsys):

@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "overhead, and one thread avoids OpenMP's spinning barriers, which slow two threads "
                         "down several-fold on a busy machine; 0 = torch's choice)")
     p.add_argument("--seed", type=int, help="seed of the task and the training")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none",
+                   help="precision of training and evaluation: none = fp32 (default; the numbers README quotes), "
+                        "bf16 = bf16 autocast throughout (faster on CPUs with native bf16 units; its measured "
+                        "accuracy effect: bench/results/demo_bf16_cpu.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -47,11 +51,11 @@ def _demo(args) -> int:
     config = QUICK if args.quick else DemoConfig()
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
-    results = run_demo(args.out, config, progress=not args.no_progress, threads=args.threads or None)
+    results = run_demo(args.out, config, progress=not args.no_progress, threads=args.threads or None, amp=args.amp)
     learned, rand = results["anytime_accuracy_learned_policy"], results["anytime_accuracy_random_patches"]
     print(f"\nGFNet demo ({config.arch}, P={config.patch_size}, T={config.T}, {config.canvas}px canvases), "
           f"held-out digits, {results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} CPU-s on "
-          f"{results['threads']} thread(s):")
+          f"{results['threads']} thread(s), {results['precision']}:")
     print("  anytime accuracy, learned policy:  " + " -> ".join(f"{a:.1f}%" for a in learned))
     print("  anytime accuracy, random patches:  " + " -> ".join(f"{a:.1f}%" for a in rand))
     for name, claim in results["claims"].items():

@@ -83,6 +83,12 @@ def _evaluate(args) -> int:
         if args.eval_mode == 0:
             raise ValueError("--write stores the results of eval modes 1 and 2; mode 0 computes none")
         check_writable_file(args.checkpoint, "checkpoint")  # before the work, not after it
+    if args.eval_mode != 0 and int(os.environ.get("RANK", "0")) == 0:  # mode 0 computes nothing
+        from gfnet.precision import bf16_offer
+
+        offer = bf16_offer(args.device or "cpu", args.dtype, option="--dtype bf16")
+        if offer:
+            print(offer, file=sys.stderr)
     ctx = None
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.eval_mode != 0:  # launched by torchrun

@@ -120,6 +120,13 @@ def _train(args) -> int:
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.INFO)  # per-step lines go to the log file only
     logging.getLogger("gfnet.train").setLevel(logging.DEBUG)
+    if int(os.environ.get("RANK", "0")) == 0:  # one note, not one per process
+        from gfnet.device import resolve_device
+        from gfnet.precision import bf16_offer
+
+        offer = bf16_offer(resolve_device(args.device), args.amp, option="--amp bf16")
+        if offer:
+            print(offer, file=sys.stderr)
     options = TrainOptions(
         stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, backbone_lr=args.lr, fc_lr=args.fc_lr,
         policy_lr=args.policy_lr, weight_decay=args.weight_decay, dsn_ratio=args.dsn_ratio,
