@@ -325,7 +325,10 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     log.info("encoder pre-training: %.0f s", time.perf_counter() - t_pre)
     eval_loader = TensorLoader(test_x, test_y, 256, train=False)
     histories = {}
-    common = dict(progress=progress, seed=c.seed, train_global=True, dsn_ratio=1.0, log_every=5, amp=amp)
+    # contiguous encoders (the trainer's default is channels-last): the published numbers were made so, and
+    # channels-last convolutions round differently, so they would not reproduce them bit for bit
+    common = dict(progress=progress, seed=c.seed, train_global=True, dsn_ratio=1.0, log_every=5, amp=amp,
+                  channels_last=False)
     for stage, epochs, extra in ((1, c.epochs1, dict(backbone_lr=c.lr)),
                                  # continue_policy: PPO starts from the policy the network was built with
                                  # (untrained either way: stage 1 uses random patches). The reference's
