@@ -548,7 +548,7 @@ def prepare_budgeted(net, example: torch.Tensor, batch_size: int = 64, dtype=Non
 def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thresholds, batch_size: int = 64,
                      dtype=None, device=None, capacity: Optional[int] = None,
                      cuda_graphs: Optional[bool] = None, flops=None,
-                     image_storage: Optional[str] = None, pad_batches: Optional[bool] = None) -> BudgetedPrediction:
+                     image_storage: Optional[str] = None, pad_batches: bool = False) -> BudgetedPrediction:
     """Classify a stream of images with real early exit (budgeted batch classification).
 
     After each step, images whose max softmax probability is >= that step's threshold leave the batch
@@ -575,8 +575,8 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
             default "rows" on CUDA, "references" on the CPU.
         pad_batches: run the partial batches at the end of the stream at the full batch shape (their last
             slot repeated; the extra rows are discarded), so that a compiled model (:meth:`GFNet.compile`)
-            never recompiles for them. Default: on when the model is compiled (measured in
-            ``gfnet-bench budget --compile`` against dynamic-shape recompilation), off otherwise.
+            never recompiles for them. Default off: measured, one dynamic-shape recompilation beats
+            computing the padding rows (see :meth:`GFNet.compile`).
     Returns:
         :class:`BudgetedPrediction`; ``preds`` and ``exit_step`` are in input order and equal, image by
         image, ``anytime_predict`` + :func:`gfnet.budget.exit_steps` with the same thresholds.
@@ -595,7 +595,7 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
     scheduler = _scheduler_class()(capacity, batch_size, thresholds)
     admit_step = scheduler.ADMIT
     plan = None if image_rows else _new_plan(net, device, dtype, batch_size, capacity, image_rows, cuda_graphs)
-    pad = getattr(net, "compiled", None) is not None if pad_batches is None else bool(pad_batches)
+    pad = bool(pad_batches)
     if plan is not None:
         plan.runner.pad_batches = pad
 

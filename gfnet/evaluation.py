@@ -195,17 +195,14 @@ def collect_shard_outputs(net, loader, dtype=None, limit: Optional[int] = None) 
         :class:`ShardOutputs` of the images read, in the loader's order, with their dataset indices.
     """
     max_probs, preds, targets, indices = [], [], [], []
-    seen = batch_size = 0
+    seen = 0
     start = time.perf_counter()
     for images, labels, idx in _indexed_batches(loader):
         if limit is not None and seen >= limit:
             break
         if limit is not None and seen + images.shape[0] > limit:
             images, labels, idx = images[: limit - seen], labels[: limit - seen], idx[: limit - seen]
-        # the largest batch so far as the batch size: a compiled model runs a smaller last batch at that
-        # shape (anytime_predict's pad_batches) instead of recompiling for it
-        batch_size = max(batch_size, images.shape[0], 1)
-        probs = net.anytime_predict(images, batch_size=batch_size, dtype=dtype).probs
+        probs = net.anytime_predict(images, dtype=dtype).probs
         mp, pr = budget.confidences(probs)
         max_probs.append(mp.cpu())
         preds.append(pr.cpu())

@@ -56,12 +56,12 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_compiled_inference_runs_one_batch_shape():
-    """Partial batches (a stream's tail, a last chunk) run padded to the batch shape: with static shapes
-    (dynamic=False) a compiled model then compiles once per encoder, whatever the stream; without padding every
-    new size compiles again. Dynamo's "eager" backend: the graphs without code generation."""
+def test_compiled_inference_recompiles_a_bounded_number_of_times():
+    """The default (dynamic=None): a stream's partial batches recompile each encoder once with a dynamic batch
+    dimension, and another stream of other sizes compiles nothing new. Dynamo's "eager" backend: the graphs
+    without code generation."""
     torch._dynamo.reset()
-    net = _net(seed=3).compile(backend="eager", dynamic=False)
+    net = _net(seed=3).compile(backend="eager")
     images = torch.rand(37, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     thresholds = torch.tensor([0.2, 0.5, 1.0])
     before = _graphs()
@@ -69,17 +69,33 @@ def test_compiled_inference_runs_one_batch_shape():
     assert _graphs() == before
     first = budgeted_predict(net, images, thresholds, batch_size=8)
     assert first.partial_batches > 0
-    compiled_once = _graphs()
-    assert compiled_once - before <= 2  # one graph per encoder at most (they share their code)
+    compiled = _graphs()
+    assert compiled - before <= 4  # per encoder (they share their code): the full batch, then dynamic
     budgeted_predict(net, images[:29], thresholds, batch_size=8)
     net.anytime_predict(images[:13], batch_size=8)
+    assert _graphs() == compiled
+
+
+def test_padded_batches_keep_one_static_shape():
+    """pad_batches=True: partial batches run at the full batch shape, so that even a model compiled with static
+    shapes (dynamic=False) compiles once per encoder; without padding every new size compiles again."""
+    torch._dynamo.reset()
+    net = _net(seed=3).compile(backend="eager", dynamic=False)
+    images = torch.rand(37, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    thresholds = torch.tensor([0.2, 0.5, 1.0])
+    before = _graphs()
+    first = budgeted_predict(net, images, thresholds, batch_size=8, pad_batches=True)
+    assert first.partial_batches > 0
+    compiled_once = _graphs()
+    assert compiled_once - before <= 2  # one graph per encoder at most (they share their code)
+    budgeted_predict(net, images[:29], thresholds, batch_size=8, pad_batches=True)
+    got = net.anytime_predict(images, batch_size=8, pad_batches=True)
     assert _graphs() == compiled_once
-    want = net.anytime_predict(images, batch_size=8, pad_batches=False)  # a chunk of 5: a new shape
+    want = net.anytime_predict(images, batch_size=8)  # a chunk of 5: a new shape
     assert _graphs() > compiled_once
-    got = net.anytime_predict(images, batch_size=8)
     torch.testing.assert_close(got.probs, want.probs, atol=1e-6, rtol=1e-5)
     assert got.probs.shape == (3, 37, 10) and got.actions.shape == (2, 37, 2)
-    unpadded = budgeted_predict(net, images, thresholds, batch_size=8, pad_batches=False)
+    unpadded = budgeted_predict(net, images, thresholds, batch_size=8)
     assert torch.equal(unpadded.preds, first.preds) and torch.equal(unpadded.exit_step, first.exit_step)
 
 

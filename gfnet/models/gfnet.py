@@ -276,7 +276,7 @@ class GFNet(nn.Module):
     @torch.no_grad()
     def anytime_predict(self, images: torch.Tensor, batch_size: Optional[int] = None,
                         dtype=None, steps: Optional[int] = None,
-                        pad_batches: Optional[bool] = None) -> AnytimePrediction:
+                        pad_batches: bool = False) -> AnytimePrediction:
         """Anytime prediction: the softmax after every step for every image.
 
         Args:
@@ -286,7 +286,7 @@ class GFNet(nn.Module):
             steps: run only the first ``steps`` steps (default T).
             pad_batches: run a chunk smaller than ``batch_size`` at the full batch shape (its last image
                 repeated, the extra rows discarded), so that a compiled model sees one shape and never
-                recompiles. Default: on when the model is compiled (:meth:`compile`) and ``batch_size`` is given.
+                recompiles (see :meth:`compile` for when that pays). Default off.
         Returns:
             :class:`AnytimePrediction` with probs Tensor[T, N, classes] (float32) and actions
             Tensor[T-1, N, 2].
@@ -307,7 +307,7 @@ class GFNet(nn.Module):
             return AnytimePrediction(images.new_zeros(steps, 0, self.num_classes, dtype=torch.float32),
                                      images.new_zeros(steps - 1, 0, 2, dtype=torch.float32))
         bs = n if batch_size is None else batch_size
-        pad = self.compiled is not None and batch_size is not None if pad_batches is None else bool(pad_batches)
+        pad = bool(pad_batches) and batch_size is not None
         probs, acts = [], []
         for start in range(0, n, bs):
             chunk = images[start:start + bs]
@@ -333,13 +333,15 @@ class GFNet(nn.Module):
         Args:
             mode: torch.compile's mode (None, "reduce-overhead", "max-autotune", ...).
             dynamic: None (default) lets torch mark the batch dimension dynamic when a second batch shape
-                comes, so that shapes never recompile without bound; True compiles dynamic shapes from the
-                start; False specialises on every shape. Inference keeps to one shape anyway:
-                :meth:`anytime_predict`, :func:`gfnet.engine.budgeted_predict` and gfnet-eval pad their
-                partial batches to the batch size (``pad_batches``), because static kernels are faster: on the
-                2-core development CPU at batch 64, a MobileNet-V3 encoder step took 44 ms static against
-                60 ms dynamic, ResNet-50 304 against 374 ms, and compiled in half the time (see
-                ``gfnet-bench budget --compile`` for the end-to-end comparison).
+                comes (a stream's tail, a last chunk): one more compilation, never one per shape; True compiles
+                dynamic shapes from the start; False specialises on every shape. Measured end to end on the
+                2-core development CPU (``gfnet-bench budget --compile``, MobileNet-V3 GFNet, batch 64,
+                bench/results/budget_compile_cpu.md), letting the tail recompile once ran faster than padding
+                the partial batches to the full shape (``pad_batches=True`` of :meth:`anytime_predict` and
+                :func:`gfnet.engine.budgeted_predict`): 5.73 s against 5.91 s for 2048 images at budget p=25,
+                1.29 s against 1.44 s for 512 (the padded rows are computed for nothing), for one more
+                compilation (25-33 s): padding is the choice where that compilation costs more than the
+                tail, or with ``dynamic=False``.
             backend: torch.compile's backend ("inductor"; "aot_eager" to check tracing without code generation).
             fullgraph: refuse graph breaks (the encoders have none).
         The first call of each encoder compiles it (tens of seconds on a CPU): time it apart from throughput.
