@@ -57,10 +57,10 @@ def native_bf16_cpu_feature() -> Optional[str]:
 
 
 # What the offer quotes, each measured on the 2-core AMD EPYC development VM (avx512_bf16) and kept in the
-# file named beside it: speed from bench/results/anytime_compile_cpu.md (ResNet-50 GFNet, P=96, T=5, batch 16,
-# anytime inference against fp32), accuracy from bench/results/demo_bf16_cpu.md (gfnet-demo, held-out
+# file named beside it: speed from bench/results/anytime_compile_cpu.md (ResNet-50 GFNet, P=96, T=5, batch
+# 16, anytime inference with channels-last encoders against the reference's fp32 loop), accuracy from bench/results/demo_bf16_cpu.md (gfnet-demo, held-out
 # digits, accuracy after the last step, mean of seeds 0-4; one seed alone varies by 25 points).
-_BF16_SPEEDUP_EAGER, _BF16_SPEEDUP_COMPILED = 1.58, 2.28
+_BF16_SPEEDUP_EAGER, _BF16_SPEEDUP_COMPILED = 1.93, 2.22
 _DEMO_ACC_FP32, _DEMO_ACC_BF16_EVAL, _DEMO_ACC_BF16_TRAIN = 67.4, 67.3, 65.1
 
 
@@ -85,7 +85,8 @@ def bf16_offer(device: Union[torch.device, str, None], amp: Optional[str], optio
         return None
     return (f"note: this CPU has native bf16 units ({feature}) and this run computes in fp32; {option} "
             f"is available: measured {_BF16_SPEEDUP_EAGER:.2f}x eager, {_BF16_SPEEDUP_COMPILED:.2f}x compiled "
-            f"vs fp32 for ResNet-50 GFNet inference on a 2-core EPYC (bench/results/anytime_compile_cpu.md); "
+            f"(channels-last) vs fp32 for ResNet-50 GFNet inference on a 2-core EPYC "
+            f"(bench/results/anytime_compile_cpu.md); "
             f"gfnet-demo accuracy after 3 steps, mean of 5 seeds: fp32 {_DEMO_ACC_FP32:.1f}%, fp32-trained "
             f"evaluated in bf16 {_DEMO_ACC_BF16_EVAL:.1f}%, trained in bf16 {_DEMO_ACC_BF16_TRAIN:.1f}% "
             f"(bench/results/demo_bf16_cpu.md)")
