@@ -58,8 +58,9 @@ def native_bf16_cpu_feature() -> Optional[str]:
 
 # What the offer quotes, each measured on the 2-core AMD EPYC development VM (avx512_bf16) and kept in the
 # file named beside it: speed from bench/results/anytime_compile_cpu.md (ResNet-50 GFNet, P=96, T=5, batch
-# 16, anytime inference with channels-last encoders against the reference's fp32 loop), accuracy from bench/results/demo_bf16_cpu.md (gfnet-demo, held-out
-# digits, accuracy after the last step, mean of seeds 0-4; one seed alone varies by 25 points).
+# 16, anytime inference with channels-last encoders against the reference's fp32 loop), accuracy from
+# bench/results/demo_bf16_cpu.md (gfnet-demo, held-out digits, accuracy after the last step, mean of seeds
+# 0-4; one seed alone varies by 25 points).
 _BF16_SPEEDUP_EAGER, _BF16_SPEEDUP_COMPILED = 1.93, 2.22
 _DEMO_ACC_FP32, _DEMO_ACC_BF16_EVAL, _DEMO_ACC_BF16_TRAIN = 67.4, 67.3, 65.1
 
