@@ -379,8 +379,8 @@ class _StepRunner:
                 self.replays += 1
                 packed = static_out
         if packed is None and self.pad_batches and n < self.batch_size:
-            # a compiled model sees only the full batch shape: the tail's partial batches repeat their last
-            # slot up to it (no recompilation, no dynamic-shape kernels) and keep the first n results
+            # pad_batches: a partial batch (the stream's tail) repeats its last slot up to the full batch shape,
+            # so that a compiled model never recompiles for it, and keeps the first n results
             fill = self.batch_size - n
             padded_host = torch.cat([slots_host, slots_host[-1:].expand(fill)])
             padded = torch.cat([slots, slots[-1:].expand(fill)])
