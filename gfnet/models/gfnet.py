@@ -335,13 +335,12 @@ class GFNet(nn.Module):
             dynamic: None (default) lets torch mark the batch dimension dynamic when a second batch shape
                 comes (a stream's tail, a last chunk): one more compilation, never one per shape; True compiles
                 dynamic shapes from the start; False specialises on every shape. Measured end to end on the
-                2-core development CPU (``gfnet-bench budget --compile``, MobileNet-V3 GFNet, batch 64,
-                bench/results/budget_compile_cpu.md), letting the tail recompile once ran faster than padding
-                the partial batches to the full shape (``pad_batches=True`` of :meth:`anytime_predict` and
-                :func:`gfnet.engine.budgeted_predict`): 5.73 s against 5.91 s for 2048 images at budget p=25,
-                1.29 s against 1.44 s for 512 (the padded rows are computed for nothing), for one more
-                compilation (25-33 s): padding is the choice where that compilation costs more than the
-                tail, or with ``dynamic=False``.
+                2-core development CPU (``gfnet-bench budget --compile``, MobileNet-V3 GFNet, batch 64, budget
+                p=25; bench/results/budget_compile_cpu.md and budget_compile_2048_cpu.md), padding the partial
+                batches to the full shape instead (``pad_batches=True`` of :meth:`anytime_predict` and
+                :func:`gfnet.engine.budgeted_predict`) took 1.08x the default's time on 512 images (its padded
+                rows are computed for nothing) and 1.00x on 2048, and saves the one recompilation (25-33 s
+                there): the choice where compilations cost more than a stream's tail, or with ``dynamic=False``.
             backend: torch.compile's backend ("inductor"; "aot_eager" to check tracing without code generation).
             fullgraph: refuse graph breaks (the encoders have none).
         The first call of each encoder compiles it (tens of seconds on a CPU): time it apart from throughput.
