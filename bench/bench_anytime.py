@@ -70,6 +70,8 @@ def run(device=None, quick: bool = False, threads=None, batch_size=None, backbon
 def _run(device, quick, batch_size, backbones, compile=False) -> list:
     batch = batch_size or (256 if device.type == "cuda" else (8 if quick else 32))
     rows = []
+    if isinstance(backbones, str):  # --set backbones=resnet50,densenet121
+        backbones = [name.strip() for name in backbones.split(",") if name.strip()]
     for arch in backbones or (QUICK_BACKBONES if quick else BACKBONES):
         torch.manual_seed(0)
         net = gfnet.build_model(arch, patch_size=96, T=5 if "mobilenet" not in arch else 3).to(device).eval()

@@ -95,6 +95,7 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
     patch_size = patch_size or (48 if quick else 96)
     T = T or (3 if quick else 5)
     num_images = num_images or (2 * batch_size if quick else 8 * batch_size)
+    points = (points,) if isinstance(points, int) else points  # --set points=15
     points = tuple(points or ((5, 25) if quick else DEFAULT_POINTS))
     repeats = repeats or (1 if quick else 3)
 
