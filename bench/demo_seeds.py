@@ -123,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.out:
         p.error("--out is required")
     work = args.work or tempfile.mkdtemp(prefix="gfnet-demo-seeds-")
+    os.makedirs(work, exist_ok=True)
     plan = [(s, "default") for s in args.seeds]
     plan += [(s, v) for s in args.perturb_seeds for v in VARIANTS if v != "default"]
     pending, running, done = list(plan), [], []
