@@ -124,6 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--out is required")
     work = args.work or tempfile.mkdtemp(prefix="gfnet-demo-seeds-")
     os.makedirs(work, exist_ok=True)
+    try:  # the code measured: taken now, before the runs (the tree may change while they run)
+        revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        revision = "unknown"
     plan = [(s, "default") for s in args.seeds]
     plan += [(s, v) for s in args.perturb_seeds for v in VARIANTS if v != "default"]
     pending, running, done = list(plan), [], []
@@ -149,11 +154,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"seed {run['seed']} {run['variant']}: {done[-1]['verdict']}", flush=True)
     order = {(s, v): i for i, (s, v) in enumerate(plan)}
     done.sort(key=lambda r: order[(r["seed"], r["variant"])])
-    try:
-        revision = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        revision = "unknown"
     import torch
 
     machine = cpu_name()
