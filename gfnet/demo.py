@@ -36,8 +36,8 @@ from gfnet.viz.report import CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE, render
 
 __all__ = ["DemoConfig", "QUICK", "DEMO_AMP", "ClutteredDigitsLoader", "make_cluttered_digits",
            "digit_patch_actions", "pretrain_encoders", "anytime_accuracy", "test_canvases",
-           "checkpoint_anytime_accuracy", "train_full_resolution_backbone", "recalibrate_batch_norm", "method_claims",
-           "run_demo"]
+           "checkpoint_anytime_accuracy", "write_canvas_tree", "train_full_resolution_backbone",
+           "recalibrate_batch_norm", "method_claims", "run_demo"]
 
 log = logging.getLogger("gfnet.demo")
 
@@ -300,6 +300,47 @@ def test_canvases(config: DemoConfig):
     seed and sizes: the same every time."""
     c = config
     return make_cluttered_digits(c.test_images, "test", c.canvas, c.digit_size, c.fragments, c.seed, noise=c.noise)
+
+
+#: The manifest that marks a folder written by :func:`write_canvas_tree` (an earlier tree may be replaced).
+CANVAS_TREE_MANIFEST = ".gfnet-demo-canvases.json"
+
+
+def write_canvas_tree(root: str, config: DemoConfig = DemoConfig(), train_images: int = 2000) -> dict:
+    """Write the demo's canvases as an image tree that ``gfnet-eval --data ROOT`` reads: ``ROOT/val/<digit>/``
+    holds the demo's held-out canvases (:func:`test_canvases`, the ones its accuracies are measured on) and
+    ``ROOT/train/<digit>/`` ``train_images`` training canvases (those the demo fits its thresholds on), as
+    lossless greyscale PNGs of S x S pixels, so that a loader reads back exactly the demo's pixels. Class folders
+    are ``0`` .. ``9``: their sorted order is the digit, the demo's label.
+
+    ``root`` must be new, empty or an earlier canvas tree (replaced). Returns {"train": n, "val": n}.
+    """
+    import shutil
+
+    from PIL import Image
+
+    c = config
+    if os.path.isdir(root) and os.listdir(root):
+        if not os.path.isfile(os.path.join(root, CANVAS_TREE_MANIFEST)):
+            raise FileExistsError(f"{root} is not empty and holds no earlier canvas tree ({CANVAS_TREE_MANIFEST}): "
+                                  "choose a new folder (class folders written beside other files would change "
+                                  "the labels)")
+        for split in ("train", "val"):
+            shutil.rmtree(os.path.join(root, split), ignore_errors=True)
+    loader = ClutteredDigitsLoader(c.train_images, c, c.batch_size, seed=c.seed, epoch_offset=4000)
+    train_x, train_y, _ = loader.canvases(0)  # the canvases the demo fits its thresholds on
+    val_x, val_y, _ = test_canvases(c)
+    counts = {}
+    for split, images, labels in (("train", train_x[:train_images], train_y[:train_images]), ("val", val_x, val_y)):
+        for d in range(10):
+            os.makedirs(os.path.join(root, split, str(d)), exist_ok=True)
+        for i in range(len(labels)):
+            Image.fromarray(images[i, 0].numpy(), mode="L").save(
+                os.path.join(root, split, str(int(labels[i])), f"{split}_{i:05d}.png"))
+        counts[split] = len(labels)
+    with open(os.path.join(root, CANVAS_TREE_MANIFEST), "w") as f:
+        json.dump({"config": asdict(c), "counts": counts}, f, indent=1)
+    return counts
 
 
 def checkpoint_anytime_accuracy(path: str, config: DemoConfig = DemoConfig(), amp: Optional[str] = None) -> list:

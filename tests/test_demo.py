@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -181,3 +182,29 @@ def test_full_resolution_baseline_is_recorded(quick_demo):
     # its Multiply-Adds are those of the backbone on one whole canvas, counted here independently
     model = timm.create_model(QUICK.arch, pretrained=False, num_classes=10).eval()
     assert base["macs"] == count_macs(model, torch.zeros(1, 3, QUICK.canvas, QUICK.canvas))
+
+
+def test_canvas_tree_holds_the_demo_pixels_and_labels(tmp_path, capsys):
+    """gfnet-data demo-canvases writes the held-out canvases losslessly, in class folders whose sorted order is the
+    digit; a second call replaces its own tree, and a folder holding other files is refused."""
+    from gfnet.cli.data import main as data_main
+    from gfnet.demo import CANVAS_TREE_MANIFEST, test_canvases
+
+    root = tmp_path / "canvases"
+    assert data_main(["demo-canvases", str(root), "--quick", "--seed", "1", "--train-images", "20"]) == 0
+    c = dataclasses.replace(QUICK, seed=1)
+    images, labels, _ = test_canvases(c)
+    files = sorted((root / "val").glob("*/*.png"), key=lambda p: p.name)
+    assert len(files) == len(labels) == c.test_images
+    for i, path in enumerate(files):
+        assert path.name == f"val_{i:05d}.png" and int(path.parent.name) == int(labels[i])
+        with Image.open(path) as im:
+            assert torch.equal(torch.from_numpy(np.asarray(im)), images[i, 0])
+    assert len(list((root / "train").glob("*/*.png"))) == 20
+    assert data_main(["demo-canvases", str(root), "--quick", "--train-images", "10"]) == 0  # replaces its own
+    assert len(list((root / "train").glob("*/*.png"))) == 10
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert data_main(["demo-canvases", str(other), "--quick"]) == 2
+    assert "not empty" in capsys.readouterr().err and not (other / CANVAS_TREE_MANIFEST).exists()
