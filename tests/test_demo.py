@@ -199,7 +199,7 @@ def test_canvas_tree_holds_the_demo_pixels_and_labels(tmp_path, capsys):
     for i, path in enumerate(files):
         assert path.name == f"val_{i:05d}.png" and int(path.parent.name) == int(labels[i])
         with Image.open(path) as im:
-            assert torch.equal(torch.from_numpy(np.asarray(im)), images[i, 0])
+            assert torch.equal(torch.from_numpy(np.array(im)), images[i, 0])
     assert len(list((root / "train").glob("*/*.png"))) == 20
     assert data_main(["demo-canvases", str(root), "--quick", "--train-images", "10"]) == 0  # replaces its own
     assert len(list((root / "train").glob("*/*.png"))) == 10
