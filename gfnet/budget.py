@@ -53,7 +53,7 @@ def _max_probs(probs):
 def _numbers(values, what: str) -> torch.Tensor:
     """``values`` as a floating tensor (integers become float64), or a ValueError that says what they are."""
     if isinstance(values, (str, bytes)):
-        raise ValueError(f"{what} is text ({values!r}), not numbers")
+        raise ValueError(f"{what} must be numbers, not text ({values!r})")
     try:
         t = torch.as_tensor(values).detach()
     except (TypeError, ValueError, RuntimeError, OverflowError):

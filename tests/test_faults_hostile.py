@@ -453,6 +453,21 @@ def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_leaves_no_file(tree, tm
     assert sorted(os.listdir(out)) == [".gfnet-run.lock", "train.log"]  # no half file, no temporary file
 
 
+@contextlib.contextmanager
+def memory_ceiling(extra: int):
+    """Limit this process's data memory (RLIMIT_DATA) to what it uses now plus ``extra`` bytes, for the block."""
+    import resource
+
+    with open("/proc/self/status") as fh:
+        used = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmData:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (used + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 def test_impossible_values_are_one_line_errors(tmp_path, capsys):
     from gfnet.cli import bench, data, viz
     from gfnet.cli import eval as eval_cli
@@ -483,8 +498,10 @@ def test_impossible_values_are_one_line_errors(tmp_path, capsys):
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     with pytest.raises(ValueError, match="thresholds must be numbers"):
         budgeted_predict(net, images, ["0.5", "x"], batch_size=2)
-    # capacity: checked before the slot table is allocated (10**9 slots exhausted the memory)
-    with pytest.raises(ValueError, match="capacity must be an int from batch_size to T \\* batch_size \\(2..4"):
+    # capacity: checked before the slot table is allocated (10**9 slots exhausted the memory); under a memory
+    # ceiling, so that a regression fails here with a MemoryError instead of taking the machine's memory
+    with memory_ceiling(1 << 30), pytest.raises(ValueError, match="capacity must be an int from batch_size to "
+                                                                  "T \\* batch_size \\(2..4"):
         budgeted_predict(net, images, [0.5, -1e8], batch_size=2, capacity=10**9)
 
     # gfnet-viz: the output format before the model runs (a corrupt checkpoint is never read)
