@@ -284,7 +284,10 @@ def anytime_accuracy(net, images: torch.Tensor, labels: torch.Tensor, policy: st
 
 
 def _write_json(path: str, obj: dict) -> None:
-    # Atomic: a reader (gfnet-viz report) never sees half a file.
+    # Atomic: a reader (gfnet-viz report) never sees half a file; never over a pipe or a device file.
+    from gfnet.checkpoint import replaceable_target
+
+    replaceable_target(path)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)

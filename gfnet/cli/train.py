@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gfnet-train or the reference's train.py)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out already holds (its checkpoint.pth.tar and "
-                        "model_best.pth.tar are deleted); without it such a folder is refused")
+                        "model_best.pth.tar are moved aside, deleted once the new run has written its first "
+                        "checkpoint and put back if it stops before); without it such a folder is refused")
     p.add_argument("--save-layout", choices=("release", "reference-train"), default="release",
                    help="checkpoint layout: release (module.-prefixed; the reference's inference.py and "
                         "gfnet-eval) or reference-train (what the reference's train.py continues from)")
@@ -110,10 +111,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train(args) -> int:
     from gfnet.train import TrainOptions, train_imagefolder
+    from gfnet.train.session import check_out_outside_data
 
     parse_device(args.device)
     if args.overwrite and args.resume == "auto":
         raise ValueError("--resume auto continues the run in --out; --overwrite replaces it: give one of them")
+    check_out_outside_data(args.data, args.out)  # before the folder is made: inside train/ it would be a class
     prepare_output_dir(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)

@@ -201,7 +201,8 @@ def _report_skipped(index: SplitIndex, shard_id: int) -> None:
     if shard_id != 0:  # every shard indexes the same files: one report is enough
         return
     if index.empty_classes:
-        log.warning("%s: %d class folder(s) hold no valid image (their labels are kept): %s",
+        log.warning("%s: %d class(es) have no valid image here (no folder, or only broken files; their labels are "
+                    "kept): %s",
                     index.split_dir, len(index.empty_classes), ", ".join(index.empty_classes[:_MAX_PATHS_LOGGED]))
     if not index.skipped:
         return
@@ -215,7 +216,8 @@ def _report_skipped(index: SplitIndex, shard_id: int) -> None:
 def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_pct: float = 0.875,
                 interpolation: str = "bilinear", backend: str = "dali", device=None,
                 num_threads: int | None = None, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                output: str = "float", split: str | None = None, cache_dir: str | None = None) -> ImageLoader:
+                output: str = "float", split: str | None = None, cache_dir: str | None = None,
+                classes=None) -> ImageLoader:
     """Batches of one split of an ImageNet-layout folder (``root/{train,val}/<class>/<image>``).
 
     Iterating yields ``(images, labels)``:
@@ -227,7 +229,7 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
       gfnet.ops kernels normalise it in their fused pass. ``images.permute(0, 2, 3, 1)`` is the
       contiguous ``[N, S, S, 3]`` array;
     - labels ``Tensor[N]`` int64: the index of the image's class folder among the sorted class folders
-      (torchvision's ImageFolder rule; an empty class folder keeps its index).
+      (torchvision's ImageFolder rule; an empty class folder keeps its index), or in ``classes`` when given.
 
     Images and labels are on `device`. Training drops each shard's last partial batch; evaluation
     keeps it, and reads every valid image exactly once across the shards.
@@ -261,6 +263,10 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
         output: "float" or "uint8" (see above).
         split: split folder name (default "train" if `train` else "val").
         cache_dir: where the file index is cached (default :func:`gfnet.data.index.default_cache_dir`).
+        classes: the class names the labels index (the model's: its training split's class folders); None: this
+            split's own sorted class folders. Evaluate and validate with the training split's list, so that a
+            split that lacks a class keeps every other class's label; a split folder with a class the list does
+            not name is refused (ValueError naming it).
 
     Returns:
         An :class:`ImageLoader`: iterable, ``len()`` = batches per epoch, ``num_samples``,
@@ -268,7 +274,8 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
 
     Raises:
         FileNotFoundError: the root or the split folder does not exist.
-        ValueError: an argument is out of range, or the split holds no valid image.
+        ValueError: an argument is out of range, the split holds no valid image, or a class folder that
+            ``classes`` does not name.
         ImportError: backend="dali" without DALI installed (the message says what to install).
     """
     if backend not in BACKENDS:
@@ -286,7 +293,7 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
     dev = _resolve_device(device)
     if num_threads is None:
         num_threads = default_num_threads()
-    index = index_split(root, split or ("train" if train else "val"), cache_dir=cache_dir)
+    index = index_split(root, split or ("train" if train else "val"), cache_dir=cache_dir, classes=classes)
     _report_skipped(index, shard_id)
     spec = TransformSpec(train=train, image_size=image_size, resize_size=int(image_size / crop_pct),
                          interpolation=interpolation, output=output)

@@ -4,9 +4,13 @@ The folder holds ``checkpoint.pth.tar`` (the last finished epoch), ``model_best.
 epoch), ``train.log`` and the lock file ``.gfnet-run.lock``. The rules:
 
 - One run per folder: a new run refuses a folder that already holds one, unless asked to resume it
-  (``resume="auto"`` or a path) or to replace it (``overwrite=True``, which deletes the old run's two
-  checkpoint files first). Resuming another run's file into a folder that holds a different run is
-  refused too. Runs are told apart by the ``run_id`` their checkpoints store.
+  (``resume="auto"`` or a path) or to replace it (``overwrite=True``). Resuming another run's file into a
+  folder that holds a different run is refused too. Runs are told apart by the ``run_id`` their
+  checkpoints store.
+- Replacing a run loses nothing until the new run has a checkpoint: ``overwrite`` moves the old run's two
+  files aside (``.checkpoint.pth.tar.gfnet-replaced``, ...); they are deleted once the new run has written
+  its first ``checkpoint.pth.tar`` and put back if it stops before (an error, Ctrl-C, or, at the next
+  start in the folder, a kill): :meth:`RunFolder.settle_replaced`.
 - One process at a time: the main process holds an exclusive ``flock`` on the lock file while it
   trains; a second run into the folder fails at once with the holder's pid. The operating system
   releases the lock when the holder dies, however it dies (``kill -9`` included), so a stale lock
@@ -28,11 +32,13 @@ from typing import Optional
 
 from gfnet.checkpoint import CheckpointError, atomic_save, remove_stale_temps, torch_load
 
-__all__ = ["RunFolder", "RunFolderBusy", "RunInfo", "read_run_info", "LOCK_NAME"]
+__all__ = ["RunFolder", "RunFolderBusy", "RunInfo", "read_run_info", "LOCK_NAME", "REPLACED_SUFFIX"]
 
 log = logging.getLogger("gfnet.train")
 
 LOCK_NAME = ".gfnet-run.lock"
+#: The old run's files that an ``overwrite`` run moved aside: ``.<name>.gfnet-replaced``.
+REPLACED_SUFFIX = ".gfnet-replaced"
 
 
 class RunFolderBusy(RuntimeError):
@@ -125,10 +131,14 @@ class RunFolder:
             OSError: the folder cannot be created or written.
         """
         self.acquire_lock_only()
-        for path in remove_stale_temps(self.path):
+        self.settle_replaced()
+        # Under the lock no other gfnet run writes here: old temporary files of any host are a killed save's.
+        for path in remove_stale_temps(self.path, lock_held=True):
             log.info("removed %s, the temporary file of a save that was killed", path)
 
-    def acquire_lock_only(self) -> None:
+    def acquire_lock_only(self, purpose: str = "") -> None:
+        """Take the folder's lock (non-blocking) and nothing else; ``purpose`` is added to the holder's
+        description that a refused process shows (e.g. "gfnet-eval --write")."""
         os.makedirs(self.path, exist_ok=True)
         lock = os.path.join(self.path, LOCK_NAME)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -146,9 +156,13 @@ class RunFolder:
                                     " wait for it to end, or choose another --out") from None
             raise
         # Who holds it, for the message of a second run (the lock itself is the flock, not this text).
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                          f"{', ' + purpose if purpose else ''}\n".encode(), 0)
+        except OSError as e:  # e.g. a full disk: said with the file's name
+            os.close(fd)
+            raise OSError(e.errno, f"cannot write the run folder's lock file: {e.strerror}", lock) from None
         self._lock_fd = fd
 
     def check(self, resume: Optional[str] = None, overwrite: bool = False) -> None:
@@ -184,8 +198,12 @@ class RunFolder:
 
     # ------------------------------------------------------------------ what the folder holds
     def run_files(self) -> list:
-        """The run's checkpoint files present in the folder (checkpoint first)."""
-        return [p for p in (self.checkpoint_path, self.best_path) if os.path.exists(p)]
+        """The run's checkpoint files present in the folder (checkpoint first). Where an ``overwrite`` run stopped
+        before its first checkpoint, the earlier run's files it moved aside (put back at the next start)."""
+        files = [p for p in (self.checkpoint_path, self.best_path) if os.path.exists(p)]
+        if not os.path.exists(self.checkpoint_path) and self._replaced():
+            return [self._aside(p) for p in self._replaced()]
+        return files
 
     def _describe(self, files: list) -> str:
         try:
@@ -248,9 +266,44 @@ class RunFolder:
         return resume
 
     def _remove(self, files: list) -> None:
+        # Moved aside, not deleted: the earlier run stays recoverable until this one has a checkpoint.
         for p in files:
-            os.unlink(p)
-            log.warning("--overwrite: deleted %s of the earlier run", p)
+            os.replace(p, self._aside(p))
+        if files:
+            log.warning("--overwrite: moved %s of the earlier run aside; deleted once this run has written its "
+                        "first checkpoint, put back if it stops before", " and ".join(files))
+
+    def _aside(self, path: str) -> str:
+        return os.path.join(self.path, f".{os.path.basename(path)}{REPLACED_SUFFIX}")
+
+    def _replaced(self) -> list:
+        """The run files that an ``overwrite`` moved aside and that are still there (their original paths)."""
+        return [p for p in (self.checkpoint_path, self.best_path) if os.path.exists(self._aside(p))]
+
+    def settle_replaced(self) -> None:
+        """Finish or undo an ``overwrite`` (the lock must be held; nothing happens without it).
+
+        If the folder holds a ``checkpoint.pth.tar`` the replacing run has written its first checkpoint: the
+        earlier run's files moved aside are deleted. Otherwise the replacing run stopped before (an error, an
+        interrupt, a kill): they are put back, and a best file that the stopped run wrote is removed, so that
+        the folder holds the earlier run as it was. Idempotent: called on every start and after every save.
+        """
+        if self._lock_fd is None:
+            return
+        pending = self._replaced()
+        if not pending:
+            return
+        if os.path.exists(self.checkpoint_path):
+            for p in pending:
+                os.unlink(self._aside(p))
+                log.info("--overwrite: deleted the earlier run's %s (the new run has its first checkpoint)", p)
+            return
+        if self.best_path not in pending and os.path.exists(self.best_path):
+            os.unlink(self.best_path)  # written by the replacing run, which never finished an epoch's save
+        for p in pending:
+            os.replace(self._aside(p), p)
+        log.warning("put back the earlier run's %s: the run that was to replace it (--overwrite) stopped before "
+                    "writing its first checkpoint", " and ".join(pending))
 
     # ------------------------------------------------------------------ the best model
     def reconcile_best(self, source: str, info: RunInfo) -> Optional[RunInfo]:

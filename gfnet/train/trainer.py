@@ -266,6 +266,7 @@ class Trainer:
         self.run_id = uuid.uuid4().hex
         self.changes: list[dict] = []  # options changed by resumes: {"epoch", "option", "from", "to"}
         self.history: list[dict] = []
+        self.data_backend: Optional[str] = None  # the training loader's ("dali", "torchvision"), set by fit
         self._log_handler = None
         self._check_policy_and_layout()
         if self.options.stage == 2 and not self.options.continue_policy:
@@ -517,6 +518,7 @@ class Trainer:
             RunFolderBusy: another process trains into ``out_dir``.
         """
         folder = RunFolder(self.out_dir, CHECKPOINT_NAME, BEST_NAME) if self.out_dir is not None else None
+        self.data_backend = getattr(train_loader, "backend", None) or None
         try:
             resume = self._open_run(folder, resume)
             self._open_log()
@@ -527,6 +529,7 @@ class Trainer:
                     self._reconcile_best(folder, resume)
             else:
                 seed_everything(self.options.seed + self.ctx.rank)
+            self._check_data_classes(train_loader, val_loader)
             self._check_loader(train_loader)
             if self.ctx.is_main:
                 log.info("stage %d, %d epoch(s), %d process(es) on %s, amp %s; options %s", self.options.stage,
@@ -566,6 +569,8 @@ class Trainer:
                 if val_loader is not None:
                     self.net.meta["anytime_classification"] = record["val_acc"]
                 self.save(is_best)
+                if folder is not None and self.ctx.is_main:
+                    folder.settle_replaced()  # --overwrite: the earlier run's files go once this run has a checkpoint
                 if self.ctx.is_main:
                     log.info("epoch %d/%d: %s", epoch + 1, self.options.epochs, _format_record(record))
                 for cb in callbacks:
@@ -574,6 +579,7 @@ class Trainer:
         finally:
             self._close_log()
             if folder is not None:
+                folder.settle_replaced()  # a run that stopped before its first checkpoint puts the earlier run back
                 folder.release()
 
     def _open_run(self, folder: Optional[RunFolder], resume: Optional[str]) -> Optional[str]:
@@ -632,6 +638,7 @@ class Trainer:
             "run_id": self.run_id,
             "best_epoch": self.best_epoch,
             "changes": self.changes,
+            "data_backend": self.data_backend,
         }
 
     def checkpoint(self) -> dict:
@@ -718,6 +725,7 @@ class Trainer:
             raise ValueError(f"{path} is a stage-{ckpt.stage} run; this one is stage {o.stage}")
         if ckpt.num_classes != net.num_classes:
             raise ValueError(f"{path} classifies {ckpt.num_classes} classes, this run's net {net.num_classes}")
+        self._adopt_stored_classes(path, obj.get("classes"))
         if o.stage == 3 and obj["policy"] is None:
             raise ValueError(f"{path} is a stage-3 file without a policy: it cannot continue stage 3")
         if isinstance(state, dict):
@@ -761,6 +769,36 @@ class Trainer:
                         "seed %d + epoch", path, len(rng), self.ctx.world_size, o.seed)
             seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
 
+    def _adopt_stored_classes(self, path: str, stored) -> None:
+        if stored is None:
+            return
+        mine = self.net.meta.get("classes")
+        if mine is not None and list(mine) != list(stored):
+            from gfnet.data.index import class_list_difference
+
+            raise ValueError(f"{path} was trained on other classes than this run's net: "
+                             f"{class_list_difference(stored, mine)}")
+        self.net.meta["classes"] = list(stored)
+
+    def _check_data_classes(self, *loaders) -> None:
+        """The loaders' class names (gfnet.data loaders have ``classes``) must be the ones the net classifies:
+        labels are positions in that list. A net that names none takes the training loader's."""
+        from gfnet.data.index import class_list_difference
+
+        for loader in loaders:
+            names = getattr(loader, "classes", None)
+            if names is None:
+                continue
+            known = self.net.meta.get("classes")
+            if known is None:
+                if len(names) != self.net.num_classes:
+                    raise ValueError(f"the data has {len(names)} classes, the net classifies {self.net.num_classes}")
+                self.net.meta["classes"] = list(names)
+            elif list(names) != list(known):
+                raise ValueError(f"the data's classes are not the {len(known)} that the net classifies: "
+                                 f"{class_list_difference(known, names)}; build every loader with "
+                                 "make_loader(..., classes=<the training split's>)")
+
     def _check_same_model(self, path: str, obj: dict) -> None:
         net, o = self.net, self.options
         stored_T = obj.get("T") if obj.get("T") is not None else (len(obj["flops"]) if obj.get("flops") else None)
@@ -793,6 +831,14 @@ class Trainer:
             if self.ctx.is_main:
                 log.warning("resume: %s changes from %r to %r (from epoch %d on)", key, stored[key], value, epoch + 1)
             self.changes.append({"epoch": epoch, "option": key, "from": stored[key], "to": value})
+        stored_backend = state.get("data_backend")
+        if stored_backend and self.data_backend and stored_backend != self.data_backend:
+            if self.ctx.is_main:
+                log.warning("resume: data backend changes from %r to %r (from epoch %d on): the two decode and resize "
+                            "images with different rounding, so the run will not equal an uninterrupted one bit for "
+                            "bit", stored_backend, self.data_backend, epoch + 1)
+            self.changes.append({"epoch": epoch, "option": "data_backend", "from": stored_backend,
+                                 "to": self.data_backend})
         if int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size and self.ctx.is_main:
             log.warning("resume: processes change from %d to %d", state["world_size"], self.ctx.world_size)
         if epoch > 0 and self.options.epochs is not None and epoch > self.options.epochs and self.ctx.is_main:
