@@ -244,6 +244,11 @@ def _check_stored_fields(path: str, obj: dict) -> None:
     classes = obj.get("classes")
     if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
         raise CheckpointError(f"{path}: its 'classes' is {type(classes).__name__}, not a list of class folder names")
+    size, crop = obj.get("image_size"), obj.get("crop_pct")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"{path}: its 'image_size' is {type(size).__name__} {size!r}, not a whole number >= 1")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+        raise CheckpointError(f"{path}: its 'crop_pct' is {type(crop).__name__} {crop!r}, not a number in (0, 1]")
 
 
 def _stored_stage(obj: dict) -> Optional[int]:
@@ -353,6 +358,11 @@ def read_checkpoint(path, arch: Optional[str] = None, patch_size: Optional[int] 
             config = get_config(arch, classifier)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
+        # the evaluation geometry the network was trained for, where the file states it (gfnet's own files; a
+        # reference file takes the backbone's): S and the centre-crop fraction of the loaders, the viz and the engine
+        geometry = {k: obj[k] for k in ("image_size", "crop_pct") if obj.get(k) is not None}
+        if geometry:
+            config = config.replace(**geometry)
         if patch_size is not None and obj["policy"] is not None:
             blocks = _policy_blocks(config, strip_module_prefix(obj["policy"]))
             side = -(-patch_size // 32)  # ceil(P / 32): the feature map's side
@@ -692,7 +702,8 @@ def checkpoint_dict(net, layout: str = "release", **meta) -> dict:
     # class folder names that the labels index (training data's; absent where the net was never trained here).
     if net.meta.get("classes") is not None:
         obj["classes"] = [str(c) for c in net.meta["classes"]]
-    obj.update({"T": net.T, "num_classes": net.num_classes,
+    obj.update({"T": net.T, "num_classes": net.num_classes, "image_size": int(net.config.image_size),
+                "crop_pct": float(net.config.crop_pct),
                 "classifier": "gru" if net.fc.is_rnn else "cascade", "gfnet_version": __version__,
                 "layout": layout, "trained_policy": not no_policy})
     obj.update(fields)

@@ -499,6 +499,7 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     net = gfnet.build_model(c.arch, patch_size=c.patch_size, T=c.T, num_classes=10)
     # the canvases are the images: S = canvas, no resize, no crop (the trainer logs and records this geometry)
     net.config = net.config.replace(image_size=c.canvas, crop_pct=1.0)
+    net.meta["classes"] = [str(d) for d in range(10)]  # the class folders of `gfnet-data demo-canvases`
     if c.channels_last:
         net.to_channels_last()
     t_pre = time.perf_counter()

@@ -208,3 +208,27 @@ def test_canvas_tree_holds_the_demo_pixels_and_labels(tmp_path, capsys):
     (other / "notes.txt").write_text("mine")
     assert data_main(["demo-canvases", str(other), "--quick"]) == 2
     assert "not empty" in capsys.readouterr().err and not (other / CANVAS_TREE_MANIFEST).exists()
+
+
+def test_gfnet_eval_scores_the_demo_checkpoint_on_its_canvas_tree(quick_demo, tmp_path, capsys):
+    """The demo's checkpoint carries its geometry (S = the canvas, no crop) and class names, so gfnet-eval on the
+    canvases written by gfnet-data reads the demo's own pixels and labels and reproduces its anytime accuracy."""
+    from gfnet.cli.data import main as data_main
+    from gfnet.cli.eval import main as eval_main
+
+    out, results, _, seed = quick_demo
+    if results["precision"] != "fp32":
+        pytest.skip("gfnet-eval is run in fp32 here")
+    raw = torch.load(out / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    assert (raw["image_size"], raw["crop_pct"], raw["classes"]) == (QUICK.canvas, 1.0, [str(d) for d in range(10)])
+    net = gfnet.load_checkpoint(str(out / CHECKPOINT_FILE))
+    assert (net.config.image_size, net.config.crop_pct) == (QUICK.canvas, 1.0)
+    root = tmp_path / "canvases"
+    assert data_main(["demo-canvases", str(root), "--quick", "--seed", str(seed), "--train-images", "64"]) == 0
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(out / CHECKPOINT_FILE), "--eval-mode", "2", "--data", str(root),
+                      "--backend", "torchvision", "--num-threads", "0", "--batch-size", "32"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("anytime_classification"))
+    anytime = [float(v) for v in line.split("[")[1].rstrip("]").split(",")]
+    one_image = 100.0 / QUICK.test_images + 1e-6
+    assert anytime == pytest.approx(results["anytime_accuracy_learned_policy"], abs=one_image)
