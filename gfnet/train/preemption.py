@@ -152,39 +152,38 @@ class StopRequest:
         """Called by every process after each training step: True when all of them stop now.
 
         Under DDP the vote of the step before is read and this step's is sent (one step of delay, no
-        wait for it): every process reads the same sum at the same step, so all stop together.
+        wait for it): every process reads the same result at the same step, so all stop together.
         """
         if not self.signals:
             return False
-        if self.agreed:
-            return True
-        if self._group is None:
-            self.agreed = self.received
+        if self.agreed or self._group is None:
+            self.agreed = self.agreed or self.received
             return bool(self.agreed)
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
-            self._pending = None
-            if flag.item():
-                self.agreed = int(flag.item())
-                return True
+        if self._read_vote():
+            return True
         flag = torch.tensor([self.received], dtype=torch.int64)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return False
 
     def settle(self) -> bool:
-        """At a point where every process is in step (after an epoch's save): whether all stop now."""
+        """At a point where every process is in step (after an epoch's save): whether all stop now (the
+        vote in flight, then one more, waited for)."""
         if not self.signals:
             return False
-        if self.agreed or self._group is None:
+        if self.agreed or self._group is None or self._read_vote():
             return self.after_step()
-        if self._pending is not None and self.after_step():  # the vote in flight already says stop
-            return True
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
         flag = torch.tensor([self.received], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        self.agreed = int(flag.item())
+        return bool(self.agreed)
+
+    def _read_vote(self) -> bool:
+        """Wait for the vote in flight, if any; True (and ``agreed`` set) when it says stop."""
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        work.wait()
+        self._pending = None
         self.agreed = int(flag.item())
         return bool(self.agreed)
 
