@@ -8,7 +8,9 @@ into one line on stderr, ``gfnet-<cmd>: error: <message>``, and an exit status:
   :class:`gfnet.checkpoint.CheckpointError` included), missing files, files where folders belong;
 - 1: a runtime failure of a valid request: a full disk, a read-only or vanished folder, a training run
   that diverged, a run folder locked by another run, a missing optional dependency;
-- 130: interrupted (Ctrl-C).
+- 130: interrupted (Ctrl-C);
+- 128 + N: a training run stopped by signal N after saving its state (143 for SIGTERM; see
+  :mod:`gfnet.train.preemption`): the scheduler requeues it, ``--resume auto`` continues it.
 
 Anything else is a bug of gfnet and keeps its traceback. ``GFNET_DEBUG=1`` shows the traceback of the
 one-line errors too.
@@ -60,9 +62,18 @@ def _runtime_errors() -> tuple:
     return tuple(kinds)
 
 
-def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "") -> int:
+def _preempted() -> tuple:
+    try:
+        from gfnet.train.preemption import Preempted
+    except ImportError:
+        return ()
+    return (Preempted,)
+
+
+def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "", quiet_stop: bool = False) -> int:
     """Run ``body()`` (a command's work) under the convention of the module docstring; its exit status.
-    ``on_interrupt`` is added to the message of a Ctrl-C (what the user can do next)."""
+    ``on_interrupt`` is added to the message of a Ctrl-C (what the user can do next); ``quiet_stop``: a
+    run stopped by a signal exits with its status without a line (the processes of a job but one)."""
     debug = os.environ.get("GFNET_DEBUG", "") not in ("", "0")
     # A log file that cannot be written (a full disk) must not print a traceback per record.
     logging.raiseExceptions = debug
@@ -78,6 +89,10 @@ def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "") -> i
         return body()
     except KeyboardInterrupt:
         return fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130)
+    except _preempted() as e:  # not an error: the state is saved, the scheduler is told to requeue
+        if not quiet_stop:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_status
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         return fail(describe_os_error(e) if e.filename else str(e), 2)
     except OSError as e:

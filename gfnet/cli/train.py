@@ -7,6 +7,9 @@ Continue a stage: gfnet-train ... --stage 2 --checkpoint runs/s1/model_best.pth.
 Resume a run:     gfnet-train ...same arguments... --resume auto      (or --resume runs/s2/checkpoint.pth.tar)
 Elastic:          torchrun --nproc-per-node 8 --max-restarts 3 -m gfnet.cli.train ... --resume auto
                   (a lost worker restarts the job from the last finished epoch)
+Preemption:       on SIGTERM (and the --requeue-signal) every process finishes its step, the run saves
+                  --out/mid_epoch.pth.tar and exits with status 128 + the signal's number (143 for
+                  SIGTERM, 138 for SIGUSR1): requeue it with --resume auto, which continues the epoch there.
 
 --checkpoint and --resume read any GFNet checkpoint: gfnet's, the reference's released files and the
 reference train.py's own (which name no backbone, patch size or T: give --arch, --patch-size, --T).
@@ -100,13 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="have the loader normalise to float (default: uint8, normalised by the fused ops)")
     r.add_argument("--no-val", action="store_true", help="skip the per-epoch validation")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--requeue-signal", choices=("USR1", "USR2"), action="append", default=[],
+                   help="also stop and save on this signal, as on SIGTERM (SLURM's --signal=USR1@SECONDS warns "
+                        "of the time limit with it); the exit status is then 128 + its number (USR1: 138)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("gfnet-train", lambda: _train(args),
-                       on_interrupt=f"{args.out} keeps the last finished epoch: continue with --resume auto")
+                       on_interrupt=f"{args.out} keeps the last finished epoch: continue with --resume auto",
+                       quiet_stop=int(os.environ.get("RANK", "0")) != 0)
 
 
 def _train(args) -> int:
@@ -142,7 +149,8 @@ def _train(args) -> int:
         args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
         init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
         resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
-        validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite)
+        validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite,
+        stop_signals=("SIGTERM", *args.requeue_signal))
     if history and int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process
         last = history[-1]
         acc = last.get("val_acc", last["train_acc"])

@@ -111,6 +111,7 @@ class ImageLoader:
         self.num_shards = num_shards
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # the first batch of the epoch's plan that iterating yields
         self._bad: set[str] = set()  # paths that failed to decode at run time
         self.stats = LoaderStats(files_found=len(index.files) + len(index.skipped), valid=len(index.files),
                                  skipped=list(index.skipped))
@@ -129,9 +130,18 @@ class ImageLoader:
         """Batches this shard yields per epoch."""
         return len(self._plan())
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for `epoch` (training); call before iterating, as with DistributedSampler."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Reshuffle for `epoch` (training); call before iterating, as with DistributedSampler.
+
+        ``start``: iterating yields the epoch's batches from number ``start`` on (a run that stopped in
+        the middle of the epoch resumes there): the batches before it are planned as usual and skipped
+        without being read, and each later batch is the one an iteration from the start would yield
+        (its files, replacements and augmentations depend only on the plan). ``len()`` stays the
+        epoch's number of batches.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.epoch, self.start = int(epoch), int(start)
 
     def shard_plan(self) -> ShardPlan:
         """The plan of this loader's shard over its current file list."""
@@ -145,7 +155,7 @@ class ImageLoader:
         return self.shard_plan().batches(self.epoch, bad)
 
     def __iter__(self):
-        batches = self._plan()
+        batches = self._plan()[self.start:]
         self.stats.seen_this_epoch = 0
         for images, labels, failures in self._iterate(batches):
             for path, reason in failures:

@@ -115,7 +115,8 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
                       options: Optional[TrainOptions] = None, init_global: Optional[str] = None,
                       init_local: Optional[str] = None, checkpoint: Optional[str] = None,
                       resume: Optional[str] = None, backend: str = "dali", workers: Optional[int] = None,
-                      device=None, validate: bool = True, uint8: bool = True, overwrite: bool = False) -> list[dict]:
+                      device=None, validate: bool = True, uint8: bool = True, overwrite: bool = False,
+                      stop_signals=("SIGTERM",)) -> list[dict]:
     """Train one stage on ``data/{train,val}/<class>/<image>`` and write checkpoints to ``out``.
 
     Works the same on one process and under ``torchrun`` (one process per GPU; each reads its shard;
@@ -123,6 +124,9 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
     uint8 images to the fused glance/focus ops, which normalise them in their own pass.
     ``resume`` is None, a checkpoint path or "auto"; ``overwrite`` lets a new run replace the run that
     ``out`` holds (see :meth:`gfnet.train.Trainer.fit` and :mod:`gfnet.train.run_folder`).
+    ``stop_signals``: on these (SIGTERM by default, as gfnet-train) the run finishes its step, saves
+    ``out/mid_epoch.pth.tar`` and raises :class:`gfnet.train.preemption.Preempted` (every process alike;
+    see :mod:`gfnet.train.preemption`); ``resume="auto"`` continues from there.
 
     ``resume`` (a checkpoint.pth.tar written during training, by gfnet-train or the reference's
     train.py) is the whole starting point: weights, optimiser states and epoch come from it, and
@@ -171,7 +175,7 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
     val_loader = None
     if validate and os.path.isdir(os.path.join(data, "val")):
         val_loader = make_loader(data, train=False, **loader_args)
-    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx, overwrite=overwrite)
+    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx, overwrite=overwrite, stop_signals=stop_signals)
     try:
         return trainer.fit(train_loader, val_loader, resume=resume)
     finally:
