@@ -187,6 +187,42 @@ def test_a_mid_epoch_state_is_refused_by_another_data_plan_and_never_taken_for_a
     assert not os.path.exists(out / MID)
 
 
+
+class FailAt(SignalAt):
+    """A loader whose batch ``at`` of epoch 0 raises (a run that stops before its first save)."""
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader, start=self.loader.start):
+            if i == self.at:
+                raise RuntimeError("the loader failed")
+            yield batch
+
+
+def test_overwrite_counts_a_preempted_first_epoch_as_the_new_runs_state_and_puts_a_mid_epoch_state_back(tmp_path):
+    """--overwrite moves the earlier run's files aside until the new run has saved a state of its own; a
+    replacing run preempted in its first epoch has (its mid-epoch state), one that fails before any save
+    has not, and the earlier run's files, a mid-epoch state among them, come back."""
+    out = tmp_path / "run"
+    Trainer(tiny_net(), options(epochs=1), out_dir=str(out)).fit(task_loader())
+    with pytest.raises(Preempted):
+        Trainer(tiny_net(1), options(), out_dir=str(out), overwrite=True, stop_signals=("TERM",)).fit(
+            SignalAt(task_loader(), epoch=0, at=1))
+    assert RunFolder(str(out)).run_files() == [str(out / MID)]  # the new run's, not the earlier run's epoch
+    resumed = Trainer(tiny_net(1), options(), out_dir=str(out))
+    resumed.fit(task_loader(), resume="auto")
+    assert [n for n in os.listdir(out) if "gfnet-replaced" in n] == []
+    assert load(out / CKPT)["epoch"] == 3
+    # an earlier run stopped mid-epoch, replaced by a run that fails before saving anything: put back whole
+    run2 = tmp_path / "run2"
+    with pytest.raises(Preempted):
+        Trainer(tiny_net(), options(), out_dir=str(run2), stop_signals=("TERM",)).fit(
+            SignalAt(task_loader(), epoch=0, at=1))
+    before = (run2 / MID).read_bytes()
+    with pytest.raises(RuntimeError, match="the loader failed"):
+        Trainer(tiny_net(1), options(), out_dir=str(run2), overwrite=True).fit(FailAt(task_loader(), at=1))
+    assert (run2 / MID).read_bytes() == before
+    assert [n for n in os.listdir(run2) if "gfnet-replaced" in n] == []
+
 # ---------------------------------------------------------------- gfnet-train, signalled from outside
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
