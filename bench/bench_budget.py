@@ -146,7 +146,7 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
                 compile_s[name] = time.perf_counter() - start
             agree[name] = _check_exits(name, outputs[name], val_probs[suffix], thresholds[key])
             fns[name] = (lambda key=key, suffix=suffix: budgeted(key, suffix))
-    timings = measure(fns, min_run_time=0.0, rounds=repeats)
+    timings = measure(fns, min_run_time=0.0, rounds=repeats, device=device)
     if compile:
         # the alternative to the default's one recompilation: partial batches padded to the full batch shape
         key = f"budgeted p={points[len(points) // 2]}"
@@ -157,7 +157,7 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
         timings.update(measure({padded: lambda: budgeted(key, COMPILED, pad_batches=True),
                                 key + COMPILED + " again": fns[key + COMPILED],
                                 BASELINE + COMPILED + " again": fns[BASELINE + COMPILED]},
-                               min_run_time=0.0, rounds=repeats))
+                               min_run_time=0.0, rounds=repeats, device=device))
         # its ratios against an all-steps run measured in the same rounds; the default's second measurement
         # (taking turns with it) in the row's extra fields
         pairs[padded] = timings.pop(BASELINE + COMPILED + " again")
