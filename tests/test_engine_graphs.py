@@ -16,7 +16,7 @@ from gfnet.bench.standins import emulated_graphs
 from gfnet.budget import separated_thresholds
 from gfnet.engine import budgeted_predict, prepare_budgeted
 
-pytestmark = pytest.mark.usefixtures("native_cpu_convolutions")
+pytestmark = pytest.mark.usefixtures("native_cpu_convolutions", "one_thread")
 FLOPS = [1.0, 2.0, 3.0]
 
 

@@ -8,7 +8,6 @@ import torch
 import gfnet.precision as precision
 from gfnet.device import gpu_settings
 
-
 # ---------------------------------------------------------------------------------------- --amp auto (10)
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((6, 1), "fp16"), ((8, 0), "bf16"),
