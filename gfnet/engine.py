@@ -34,6 +34,7 @@ Every image's prediction and exit step equal what ``net.anytime_predict`` follow
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -299,12 +300,32 @@ class _SlotStore:
         self.feature_map.index_copy_(0, slots, state.feature_map.to(self.feature_map.dtype))
 
 
+#: The capture streams, per thread and device (see :func:`_capture_stream`).
+_CAPTURE_STREAMS = threading.local()
+
+
+def _capture_stream(device: torch.device):
+    """This thread's capture stream on ``device``, made there on first use and shared by the plans that this thread
+    makes for that device.
+
+    Not one per plan: torch gives every stream that runs a cuBLAS call a workspace of its own (32 MiB on Hopper),
+    keyed by the stream and kept for the life of the process (a captured graph may still read it), so a stream per
+    plan would leave one workspace behind per plan made (up to the 32 streams of torch's pool per device, 1 GiB).
+    Not one per process either: a thread runs one plan's steps at a time, but two threads capturing on one stream
+    would record each other's work."""
+    streams = _CAPTURE_STREAMS.__dict__.setdefault("by_device", {})
+    stream = streams.get(device.index)
+    if stream is None:
+        stream = streams[device.index] = torch.cuda.Stream(device=device)
+    return stream
+
+
 class _CudaGraphs:
     """The CUDA-graph machinery of one plan, all on the plan's own device.
 
-    - Its own capture stream, created on that device: torch's default capture stream is made once, on whatever
-      device is current at the first capture of the process, so that a later capture for another GPU would
-      record an empty graph (and every replay would return stale outputs).
+    - A capture stream on that device (the creating thread's, :func:`_capture_stream`): torch's default capture
+      stream is made once, on whatever device is current at the first capture of the process, so that a later
+      capture for another GPU would record an empty graph (and every replay would return stale outputs).
     - Eager warm-up runs on that stream (:meth:`warm`), so that what a capture needs per stream (cuBLAS
       workspaces, cuDNN's autotuned algorithms for the shape) exists before it starts.
     - One memory pool for the plan's T graphs (see :meth:`_StepRunner.capture`).
@@ -312,7 +333,7 @@ class _CudaGraphs:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.stream = torch.cuda.Stream(device=device)
+        self.stream = _capture_stream(device)
         self.pool = torch.cuda.graph_pool_handle()
 
     @staticmethod
@@ -388,7 +409,9 @@ class _StepRunner:
         self.kept: dict = {}  # what the graphs read by address and the plan must keep alive (kernel parameters)
         # the host side of the packed result: pinned, so that the copy is asynchronous
         pinned = device.type == "cuda"
-        self.host = torch.empty((2, batch_size), dtype=torch.float32, pin_memory=pinned)
+        # (flat: a partial batch's [2, n] view must be contiguous, or the copy would go through a pageable temporary
+        # and wait for the device)
+        self.host = torch.empty(2 * batch_size, dtype=torch.float32, pin_memory=pinned)
         self.slots_staging = torch.empty(batch_size, dtype=torch.long, pin_memory=pinned)
         self.copied = torch.cuda.Event() if pinned else None
 
@@ -496,7 +519,7 @@ class _StepRunner:
                 packed = self._body(t, slots, slots_host)
         if self.copied is None:
             return packed
-        host = self.host[:, :n]
+        host = self.host[:2 * n].view(2, n)
         host.copy_(packed, non_blocking=True)
         self.copied.record()
         self.copied.synchronize()  # the one wait of the step

@@ -4,6 +4,7 @@ first inside it, a compilation inside it, forced failures): warm-up before every
 per-step reports and retries, one autocast state, models with graphs of their own, the plan's key and what a plan
 keeps alive."""
 import gc
+import threading
 import warnings
 import weakref
 
@@ -187,6 +188,7 @@ def test_each_plan_captures_on_a_stream_of_its_own_device(monkeypatch):
         def __exit__(self, *exc):
             return False
 
+    monkeypatch.setattr(engine, "_CAPTURE_STREAMS", threading.local())  # the fakes never outlive the test
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "graph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: type("G", (), {"replay": lambda self: None})())
@@ -197,3 +199,26 @@ def test_each_plan_captures_on_a_stream_of_its_own_device(monkeypatch):
         machinery.capture(lambda: torch.zeros(1))
     assert [s.device for s in made] == [torch.device("cuda", 1), torch.device("cuda", 0)]
     assert [c[0] for c in captured] == made and all(c[1] == "thread_local" for c in captured)
+
+
+def test_plans_of_one_thread_share_its_capture_stream_per_device(monkeypatch):
+    """Every stream that runs cuBLAS keeps a workspace (32 MiB on Hopper) for the life of the process: plans made
+    by one thread for one device share one capture stream; another device or another thread gets its own."""
+    made = []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = torch.device(device)
+            made.append(self)
+
+    monkeypatch.setattr(engine, "_CAPTURE_STREAMS", threading.local())
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    first, second, other = (engine._CudaGraphs(torch.device("cuda", i)) for i in (0, 0, 1))
+    assert first.stream is second.stream and other.stream is not first.stream
+    assert [s.device.index for s in made] == [0, 1]
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(engine._CudaGraphs(torch.device("cuda", 0)).stream))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not first.stream and elsewhere[0].device.index == 0
