@@ -17,7 +17,7 @@ Division of labour:
   image copy costs about a tenth of a MobileNet step on a CPU; see ``_SlotStore``);
 - on CUDA, the full-batch steps are captured once per step in CUDA graphs (gather, step, softmax,
   scatter) and replayed; partial batches (the tail of the stream) run eagerly. Each step runs eagerly at the
-  full batch on the plan's own capture stream (on the plan's device) before its capture. The graphs, the slot
+  full batch on its capture stream (the plan's device's, per thread) before its capture. The graphs, the slot
   buffers and kernel parameters they read, are kept with the model (:func:`prepare_budgeted`), keyed by
   everything they depend on, and captured thread-locally before the input stream starts whenever the image
   shape is known (a loader's stream: at each step's second full batch). :class:`BudgetedPrediction` says which

@@ -116,6 +116,18 @@ def test_checks_that_no_longer_fit_the_budget_are_skipped_with_the_reason(tmp_pa
     assert report["complete"] is True
 
 
+def test_a_check_the_budget_stops_midway_is_skipped_not_failed(tmp_path):
+    out = tmp_path / "gc"
+    out.mkdir()
+    budget = gpucheck.RESERVE_S + 15  # less than the hanging check's own deadline (31 s)
+    start = time.monotonic()
+    report = gpucheck.run_plan([Check("hang", faults.hangs, "test", 1)], str(out), dry_run=True, budget_s=budget,
+                               log=lambda line: None)
+    assert time.monotonic() - start < budget + 15
+    (result,) = report.results
+    assert result.status == "skipped" and result.reason.startswith("budget:") and "--only hang" in result.reason
+
+
 def test_the_plan_puts_correctness_first_and_bench_suites_last():
     groups = [c.group for c in gpucheck.plan()]
     assert groups[0] == "kernels" and groups.index("engine") < groups.index("training") < groups.index("bench")
@@ -169,3 +181,34 @@ def test_gpu_only_checks_skip_with_the_reason_in_the_dry_run(tmp_path):
     assert all("needs a CUDA GPU" in c["reason"] for c in report["checks"])
     assert {"device", "driver", "torch", "cuda", "triton"} <= set(report["environment"])
     assert "0 passed, 0 failed, 3 skipped" in (out / "gpucheck.md").read_text()
+
+
+def test_the_report_goes_to_bench_results_with_the_card_name_by_default(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    (checkout / "bench" / "results").mkdir(parents=True)
+    monkeypatch.setattr(gpucheck, "__file__", str(checkout / "bench" / "gpucheck.py"))
+    assert gpucheck.default_out("NVIDIA H100 80GB HBM3") == str(
+        checkout / "bench" / "results" / "gpucheck_nvidia_h100_80gb_hbm3")
+    assert gpucheck.default_out("cpu dry run").endswith("gpucheck_cpu_dry_run")
+    (checkout / "bench" / "results").rmdir()  # an installed copy without the checkout: the current folder
+    monkeypatch.chdir(tmp_path)
+    assert gpucheck.default_out("Tesla V100-SXM2-16GB") == str(tmp_path / "gpucheck_tesla_v100_sxm2_16gb")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux process semantics")
+def test_a_run_without_dali_skips_its_checks_with_the_reason_and_exits_cleanly(tmp_path):
+    # a regular package named nvidia ahead of the environment's: nvidia.dali cannot be found (the workers inherit
+    # the path), as on a machine with torch's CUDA libraries and no DALI
+    shadow = tmp_path / "shadow" / "nvidia"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    out = tmp_path / "gc"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shadow"), *sys.path]))
+    proc = subprocess.run([sys.executable, "-m", "gfnet.bench.gpucheck", "--dry-run", "--out", str(out), "--only",
+                           "dali", "bench_data", "uint8_division"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = _report(out)
+    assert _statuses(report) == {"uint8_division": "passed", "dali": "skipped", "bench_data": "skipped"}
+    assert all("DALI is not installed" in c["reason"] for c in report["checks"] if c["status"] == "skipped")
+    assert report["complete"] is True and "0 failed" in proc.stdout
