@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 __all__ = ["Check", "CheckResult", "CHECKS", "DEFAULT_BUDGET_S", "DEFAULT_DRY_BUDGET_S", "default_out", "main", "plan",
-           "run_plan"]
+           "run_plan", "run_tied"]
 
 #: Fitted to a 10-minute call that also installs gfnet first (`pip install --no-build-isolation --no-deps -e .`: the
 #: C++ build, about a minute on a 16-core machine), with a margin.
@@ -401,7 +401,7 @@ def check_ptx_division(ctx: Context) -> dict:
         archs = sorted({10 * major + minor, 80, 90})
     else:
         archs = [90]
-    results = run_isolated(archs, timeout=600)
+    results = run_isolated(archs, timeout=600, preexec_fn=_die_with_parent)
     failed = {k: v["error"] for k, v in results.items() if not v["ok"]}
     if failed:
         raise AssertionError(f"{len(failed)} kernel variant(s) do not compile: " + json.dumps(failed)[:2000])
@@ -957,9 +957,8 @@ def check_cuda_tests(ctx: Context) -> dict:
         raise Skip(f"no test in {tests} carries the cuda mark")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # addopts emptied: the project's pytest options name plugins (pytest-benchmark) that a bare install lacks
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           "-o", "addopts=-ra", *files], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=3600)
+    proc = run_tied([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-o",
+                     "addopts=-ra", *files], capture_output=True, text=True, env=env, cwd=root, timeout=3600)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     if proc.returncode != 0:
         raise AssertionError("cuda tests failed:\n" + "\n".join(tail))
@@ -1112,6 +1111,12 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def run_tied(command: list, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a check's own child process (the test runner, a compiler), which dies with the
+    worker: a worker killed at its check's deadline leaves no child behind holding the GPU or the CPUs."""
+    return subprocess.run(command, preexec_fn=_die_with_parent, **kwargs)
 
 
 def _worker_main(conn, dry_run: bool, out_dir: str) -> None:

@@ -82,12 +82,13 @@ def check_division(results: dict) -> list:
     return bad
 
 
-def run_isolated(archs, timeout: float) -> dict:
+def run_isolated(archs, timeout: float, preexec_fn=None) -> dict:
     """:func:`compile_all` in a process of its own with TRITON_INTERPRET unset (the interpreter replaces the
-    kernels' decorators); raises RuntimeError with the process's error output if it fails."""
+    kernels' decorators); raises RuntimeError with the process's error output if it fails. ``preexec_fn``: run in
+    the child before it starts (gpucheck ties the child's life to its worker's)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "gfnet.bench.kernel_compile", *map(str, archs)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          capture_output=True, text=True, env=env, timeout=timeout, preexec_fn=preexec_fn)
     if proc.returncode != 0:
         raise RuntimeError(f"kernel compilation process failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

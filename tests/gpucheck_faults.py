@@ -1,6 +1,7 @@
 """Checks that fail for real, for tests/test_gpucheck.py: run by gpucheck's worker processes (which import this
 module by name: the tests folder is on their path)."""
 import os
+import sys
 import time
 
 
@@ -18,3 +19,11 @@ def hangs(ctx):
 
 def raises(ctx):
     raise AssertionError("the kernel wrote garbage")
+
+
+def starts_a_child_and_hangs(ctx):
+    """A check whose child process (a test runner, a compiler) outlives its deadline; the child writes its pid."""
+    from gfnet.bench.gpucheck import run_tied
+    path = os.path.join(ctx.out_dir, "child.pid")
+    run_tied([sys.executable, "-c", f"import os, time; open({path!r}, 'w').write(str(os.getpid())); "
+                                    "time.sleep(600)"])

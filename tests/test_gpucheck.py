@@ -106,6 +106,24 @@ def test_a_crash_or_a_hang_costs_one_check(tmp_path):
         "passed", "failed", "failed", "failed", "passed"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux process semantics")
+def test_a_check_killed_at_its_deadline_leaves_no_child_process(tmp_path):
+    out = tmp_path / "gc"
+    out.mkdir()
+    report = gpucheck.run_plan([Check("child", faults.starts_a_child_and_hangs, "test", 1, deadline=15)], str(out),
+                               dry_run=True, budget_s=600, log=lambda line: None)
+    (result,) = report.results
+    assert result.status == "failed" and "deadline of 15 s" in result.reason
+    child = int((out / "child.pid").read_text())
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:  # the child dies with the killed worker
+        time.sleep(0.1)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive
+
+
 def test_checks_that_no_longer_fit_the_budget_are_skipped_with_the_reason(tmp_path):
     out = tmp_path / "gc"
     assert gpucheck.main(["--dry-run", "--out", str(out), "--budget-s", "30", "--only", "compiled_model",
