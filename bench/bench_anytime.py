@@ -59,7 +59,7 @@ def reference_loop_anytime(net, images):
 
 def run(device=None, quick: bool = False, threads=None, batch_size=None, backbones=None,
         compile: bool = False) -> list:
-    """One row per (backbone, provider). quick: batch 8, two backbones, short timing. compile: also the
+    """One row per (backbone, provider). quick: batch 8 (32 on a GPU), two backbones, short timing. compile: also the
     modes eager fp32 and bf16 with channels-last encoders, compiled fp32 and compiled bf16 (:meth:`GFNet.compile`,
     channels-last), compilation timed apart."""
     device = resolve_device(device)
@@ -67,8 +67,16 @@ def run(device=None, quick: bool = False, threads=None, batch_size=None, backbon
         return _run(device, quick, batch_size, backbones, compile)
 
 
+def default_batch(device: torch.device, quick: bool) -> int:
+    """The batch of a run that names none: a GPU's full run uses the reference's evaluation batch (256);
+    ``quick`` keeps its smoke-run sizes on every device (8 on a CPU, 32 on a GPU)."""
+    if quick:
+        return 32 if device.type == "cuda" else 8
+    return 256 if device.type == "cuda" else 32
+
+
 def _run(device, quick, batch_size, backbones, compile=False) -> list:
-    batch = batch_size or (256 if device.type == "cuda" else (8 if quick else 32))
+    batch = batch_size or default_batch(device, quick)
     rows = []
     if isinstance(backbones, str):  # --set backbones=resnet50,densenet121
         backbones = [name.strip() for name in backbones.split(",") if name.strip()]
@@ -117,7 +125,8 @@ def _run(device, quick, batch_size, backbones, compile=False) -> list:
                 check_close(what, fn(), ref, atol=FP32_ATOL, rtol=FP32_RTOL)
         # Three interleaved rounds: a load spike of a shared machine then hits one round of every provider,
         # and the speed-ups (medians of per-round ratios) stay put.
-        timings = measure(providers, min_run_time=0.3 if quick else 0.7, rounds=1 if quick else 3)
+        timings = measure(providers, min_run_time=0.3 if quick else 0.7, rounds=1 if quick else 3,
+                          device=device)
         extra = {name: {"backbone": arch, "patch_size": net.patch_size, "T": net.T, "image_size": S,
                         "compile_s": compile_s.get(name)} for name in providers}
         dtypes = {name: ("bf16 autocast" if "bf16" in name else "fp16 autocast" if "fp16" in name

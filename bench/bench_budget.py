@@ -47,7 +47,7 @@ NOTES = ("Randomly initialised GFNet on a stream of normal-noise images; the pro
          "each per round. time/MACs near 1: wall-clock time follows the expected Multiply-Adds.")
 
 
-def _check_exits(key, out, val_probs, thresholds) -> float:
+def check_exits(key, out, val_probs, thresholds) -> float:
     """Compare one budgeted run with the simulation (raises OutputMismatch); returns the share that agrees."""
     from gfnet import budget
 
@@ -144,20 +144,20 @@ def _run(device, quick, arch, image_size, patch_size, T, batch_size, num_images,
             outputs[name] = budgeted(key, suffix)  # also the warm-up of every batch shape
             if model.compiled is not None and i == 0:  # the mode's first stream: its tail's recompilation
                 compile_s[name] = time.perf_counter() - start
-            agree[name] = _check_exits(name, outputs[name], val_probs[suffix], thresholds[key])
+            agree[name] = check_exits(name, outputs[name], val_probs[suffix], thresholds[key])
             fns[name] = (lambda key=key, suffix=suffix: budgeted(key, suffix))
-    timings = measure(fns, min_run_time=0.0, rounds=repeats)
+    timings = measure(fns, min_run_time=0.0, rounds=repeats, device=device)
     if compile:
         # the alternative to the default's one recompilation: partial batches padded to the full batch shape
         key = f"budgeted p={points[len(points) // 2]}"
         padded = key + COMPILED + PADDED
         mode_of[padded] = (COMPILED, key)
         outputs[padded] = budgeted(key, COMPILED, pad_batches=True)
-        agree[padded] = _check_exits(padded, outputs[padded], val_probs[COMPILED], thresholds[key])
+        agree[padded] = check_exits(padded, outputs[padded], val_probs[COMPILED], thresholds[key])
         timings.update(measure({padded: lambda: budgeted(key, COMPILED, pad_batches=True),
                                 key + COMPILED + " again": fns[key + COMPILED],
                                 BASELINE + COMPILED + " again": fns[BASELINE + COMPILED]},
-                               min_run_time=0.0, rounds=repeats))
+                               min_run_time=0.0, rounds=repeats, device=device))
         # its ratios against an all-steps run measured in the same rounds; the default's second measurement
         # (taking turns with it) in the row's extra fields
         pairs[padded] = timings.pop(BASELINE + COMPILED + " again")

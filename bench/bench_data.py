@@ -111,7 +111,8 @@ def run(device=None, quick: bool = False, threads=None, images=None, batch_size:
                 if last and last[0][0].is_cuda:
                     torch.cuda.synchronize(last[0][0].device)
 
-            timings = measure({p: (lambda p=p: epoch(p)) for p in PROVIDERS}, min_run_time=0.0, rounds=repeats)
+            timings = measure({p: (lambda p=p: epoch(p)) for p in PROVIDERS}, min_run_time=0.0, rounds=repeats,
+                              device=device)
             extra = {p: {"pipeline": pipeline, "images": count, "num_threads": num_threads,
                          "image_size": image_size, "versions": _versions()} for p in PROVIDERS}
             rows += make_rows("data", f"{pipeline} pipeline", timings, BASELINE, device=device, dtype="float32",

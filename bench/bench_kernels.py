@@ -48,7 +48,7 @@ exceed the copy bandwidth (clone of 256 MiB, in each row's extra) when the cropp
 def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
     """The device's copy bandwidth in bytes/s: a clone of a 256 MiB buffer reads and writes it once."""
     buf = torch.empty(64 * 2 ** 20, dtype=torch.float32, device=device).fill_(1.0)
-    t = measure({"clone": buf.clone}, min_run_time)["clone"].median_s
+    t = measure({"clone": buf.clone}, min_run_time, device=device)["clone"].median_s
     return 2 * buf.numel() * buf.element_size() / t
 
 
@@ -158,7 +158,7 @@ def _run(device, quick, batch_size, patch_sizes) -> list:
                 ref = providers[baseline]()
                 for name, fn in providers.items():
                     check_close(f"kernels {case}: {name} against {baseline}", fn(), ref, atol=ATOL)
-                timings = measure(providers, min_run_time)
+                timings = measure(providers, min_run_time, device=device)
                 extra = {name: {"op": op, "patch_size": p, "image_size": IMAGE_SIZE,
                                 "gbytes_per_s": bytes_moved / t.median_s / 1e9,
                                 "copy_gbytes_per_s": copy_bw / 1e9,

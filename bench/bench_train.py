@@ -166,7 +166,7 @@ def _run(device: torch.device, quick: bool, compile: bool = False) -> list:
             if abs(first_loss[provider] - ref) > rtol * abs(ref):
                 raise OutputMismatch(f"train stage {stage}: {provider}'s first loss {first_loss[provider]:.6g} against "
                                      f"{BASELINE}'s {ref:.6g}, beyond rtol={rtol:g}")
-        timings = measure(steps, min_run_time=0.0, rounds=setup["rounds"])
+        timings = measure(steps, min_run_time=0.0, rounds=setup["rounds"], device=device)
         extra = {p: {"stage": stage, "arch": setup["arch"], "image_size": S, "patch_size": setup["patch_size"],
                      "T": setup["T"], "loss": first_loss[p], "reference_loss": ref, "compile_s": compile_s.get(p)}
                  for p in providers}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional
 
@@ -23,7 +24,7 @@ import torch.utils.benchmark as benchmark
 
 from gfnet.bench.rows import Row
 
-__all__ = ["Timing", "OutputMismatch", "resolve_device", "use_threads", "cold_compile_cache", "measure",
+__all__ = ["Timing", "OutputMismatch", "resolve_device", "use_threads", "cold_compile_cache", "device_clock", "measure",
            "paired_ratios", "make_rows", "check_close"]
 
 
@@ -85,7 +86,21 @@ def cold_compile_cache(enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def measure(fns: Mapping[str, Callable[[], object]], min_run_time: float, rounds: int = 1) -> dict:
+def device_clock(device=None) -> Callable[[], float]:
+    """The clock of a timed block on ``device``: ``time.perf_counter`` read after the device's queued work has
+    finished, on a GPU (``torch.cuda.synchronize(device)``: the device measured, not the current one, so that
+    ``--device cuda:1`` times kernels rather than their launches); the plain clock elsewhere."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return clock
+
+
+def measure(fns: Mapping[str, Callable[[], object]], min_run_time: float, rounds: int = 1, device=None) -> dict:
     """Time each provider's call with ``torch.utils.benchmark.Timer.blocked_autorange``.
 
     Args:
@@ -93,13 +108,16 @@ def measure(fns: Mapping[str, Callable[[], object]], min_run_time: float, rounds
         min_run_time: seconds of timed calls per provider and round (0: one warm-up and one timed call,
             for calls that take seconds).
         rounds: the providers take turns ``rounds`` times (round-robin), each turn a blocked_autorange.
+        device: the device the calls compute on; each timed block starts and ends with its queued work done
+            (:func:`device_clock`).
     Returns:
         provider -> :class:`Timing`.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     threads = torch.get_num_threads()
-    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads)
+    clock = device_clock(device)
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=name, num_threads=threads, timer=clock)
               for name, fn in fns.items()}
     per_round: dict = {name: [] for name in fns}
     for _ in range(rounds):

@@ -1,12 +1,13 @@
-"""Device resolution, the device guard, and the defaults users expect on a GPU: one module for all."""
+"""Device resolution, the device guard, host-to-GPU copies without a host wait, and the process-wide GPU
+settings of the commands: one module for all."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
-__all__ = ["resolve_device", "device_guard", "configure_device"]
+__all__ = ["resolve_device", "device_guard", "to_device_async", "gpu_settings"]
 
 
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
@@ -45,13 +46,58 @@ def device_guard(device_or_tensor: Union[torch.device, torch.Tensor, None]):
     return contextlib.nullcontext()
 
 
-def configure_device(device: torch.device, fp32_matmul: Optional[str] = "high") -> None:
-    """The defaults users of a GPU expect, applied by the commands (never on import): cuDNN picks the fastest
-    convolution for each shape (benchmark mode), and float32 matmuls and convolutions may use TF32 tensor
-    cores (``fp32_matmul="high"``; "highest" keeps full float32). No effect on the CPU."""
-    if torch.device(device).type != "cuda":
-        return
-    torch.backends.cudnn.benchmark = True
-    if fp32_matmul is not None:
-        torch.set_float32_matmul_precision(fp32_matmul)
-        torch.backends.cudnn.allow_tf32 = fp32_matmul != "highest"
+def to_device_async(tensor: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host synchronisation: a host tensor bound for a GPU goes through
+    page-locked memory (a copy from pageable memory waits for the device's queued work first, which stalls the
+    host once per call), asynchronously; anything else is a plain ``.to``. The pinned block is returned to
+    torch's pinned-memory cache only after the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+# Where torch has the fp32_precision switches (2.9 and newer), they are the ones to use: once a caller has set
+# them, reading the legacy allow_tf32 flags raises ("mix of the legacy and new APIs").
+def _tf32_switches() -> list:
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        owners = (torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None),
+                  getattr(torch.backends.cudnn, "rnn", None))
+        return [(owner, "fp32_precision") for owner in owners if hasattr(owner, "fp32_precision")]
+    return [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+
+
+def _tf32_value(attribute: str, tf32: bool):
+    if attribute == "fp32_precision":
+        return "tf32" if tf32 else "ieee"
+    return tf32
+
+
+@contextlib.contextmanager
+def gpu_settings(tf32: Optional[bool] = None, cudnn_benchmark: Optional[bool] = True) -> Iterator[None]:
+    """The process-wide GPU settings of a command's run, set on entry and restored on exit.
+
+    Only the commands use it (gfnet-train, gfnet-eval, gfnet-bench), around their work: library functions
+    leave these process-wide switches to their caller.
+
+    Args:
+        tf32: float32 matrix products and convolutions on TF32 tensor cores (True; faster, about 10 mantissa
+            bits), full float32 (False), or leave what the process has (None).
+        cudnn_benchmark: cuDNN times the convolution algorithms for each new shape and keeps the fastest (True),
+            does not (False), or leave it (None).
+    The flags only affect CUDA work; setting them on a machine without a GPU changes nothing.
+    """
+    switches = _tf32_switches() if tf32 is not None else []
+    previous = [getattr(owner, name) for owner, name in switches], torch.backends.cudnn.benchmark
+    try:
+        for owner, name in switches:
+            setattr(owner, name, _tf32_value(name, bool(tf32)))
+        if cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+        yield
+    finally:
+        for (owner, name), value in zip(switches, previous[0]):
+            setattr(owner, name, value)
+        torch.backends.cudnn.benchmark = previous[1]

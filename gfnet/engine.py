@@ -16,12 +16,17 @@ Division of labour:
   admitted batch itself, and a focus step copies out only the P x P patches its policy chose (a full
   image copy costs about a tenth of a MobileNet step on a CPU; see ``_SlotStore``);
 - on CUDA, the full-batch steps are captured once per step in CUDA graphs (gather, step, softmax,
-  scatter) and replayed; partial batches (the tail of the stream) run eagerly. The graphs, and the slot
-  buffers they read, are kept with the model (:func:`prepare_budgeted`), keyed by everything they depend on,
-  and captured thread-locally before the input stream starts whenever the image shape is known;
+  scatter) and replayed; partial batches (the tail of the stream) run eagerly. Each step runs eagerly at the
+  full batch on its capture stream (the plan's device's, per thread) before its capture. The graphs, the slot
+  buffers and kernel parameters they read, are kept with the model (:func:`prepare_budgeted`), keyed by
+  everything they depend on, and captured thread-locally before the input stream starts whenever the image
+  shape is known (a loader's stream: at each step's second full batch). :class:`BudgetedPrediction` says which
+  steps replayed graphs; a failed capture runs its step eagerly for the rest of the call and is tried again on
+  the next; a model compiled with CUDA graphs of its own (``mode="reduce-overhead"``) keeps those instead;
 - the host waits on the device once per step: the exit statistics travel in one packed, pinned,
-  asynchronous copy, labels stay on the device until the end, and the next input batch is already in
-  flight while the current one is scheduled.
+  asynchronous copy, host tensors (slot numbers, pageable input batches) go to the device through pinned
+  memory, labels stay on the device until the end, and the next input batch is already in flight while the
+  current one is scheduled.
 
 Every image's prediction and exit step equal what ``net.anytime_predict`` followed by
 :func:`gfnet.budget.exit_steps` gives: an image's computation never depends on its batch neighbours.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -41,11 +47,12 @@ import torch.nn.functional as F
 
 from gfnet._extension import extension
 from gfnet.budget import check_thresholds
-from gfnet.device import device_guard
+from gfnet.device import device_guard, to_device_async
 from gfnet.models.gfnet import GFNetState
+from gfnet.ops import keep_kernel_params
 from gfnet.precision import amp_dtype, autocast
 
-__all__ = ["BudgetedPrediction", "budgeted_predict", "prepare_budgeted", "step_flops"]
+__all__ = ["BudgetedPrediction", "budgeted_predict", "prepare_budgeted", "release_budgeted", "step_flops"]
 
 
 def _scheduler_class():
@@ -66,7 +73,10 @@ class BudgetedPrediction:
         targets: Tensor[N] labels when the input was a loader of (images, labels), else None.
         step_images: images run at each step (Tensor[T] int64); step_batches: batches run at each step.
         partial_batches: batches smaller than the batch size (the tail of the stream).
-        cuda_graphs: whether CUDA graphs ran the full batches.
+        graph_batches: Tensor[T] int64, the batches of each step that replayed its CUDA graph (the rest of
+            step_batches ran eagerly: partial batches; with a loader's stream, each step's first full batch, which
+            warms the step up for its capture; a step whose capture failed, for the rest of the call).
+        cuda_graphs: Tensor[T] bool, the steps that replayed their CUDA graph (``graph_batches > 0``).
         invalid: Tensor[N] bool, images whose logits were not finite (NaN or inf pixels): they exit at the
             glance with prediction -1, and a warning says how many.
     """
@@ -81,7 +91,8 @@ class BudgetedPrediction:
     step_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     step_batches: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     partial_batches: int = 0
-    cuda_graphs: bool = False
+    graph_batches: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    cuda_graphs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     invalid: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     @property
@@ -157,7 +168,7 @@ class _ImageStream:
                 self.has_labels = labels is not None
             elif self.has_labels != (labels is not None):
                 raise ValueError("some batches of the loader have labels and others not")
-            return images.to(self._device, non_blocking=True), labels
+            return to_device_async(images, self._device), labels
         return None
 
     def _next_batch(self) -> bool:
@@ -237,7 +248,7 @@ class _SlotStore:
                 self.image_refs[slot] = (images, row)
             self.last_admitted = (slot_list, images)
             return
-        slots = slots_host.to(images.device, non_blocking=True)
+        slots = to_device_async(slots_host, images.device)
         if self.images is None:
             self.images = self._alloc_like(images)
             if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
@@ -291,12 +302,100 @@ class _SlotStore:
         self.feature_map.index_copy_(0, slots, state.feature_map.to(self.feature_map.dtype))
 
 
+#: The capture streams, per thread and device (see :func:`_capture_stream`).
+_CAPTURE_STREAMS = threading.local()
+
+
+def _capture_stream(device: torch.device):
+    """This thread's capture stream on ``device``, made there on first use and shared by the plans that this thread
+    makes for that device.
+
+    Not one per plan: torch gives every stream that runs a cuBLAS call a workspace of its own (32 MiB on Hopper),
+    keyed by the stream and kept for the life of the process (a captured graph may still read it), so a stream per
+    plan would leave one workspace behind per plan made (up to the 32 streams of torch's pool per device, 1 GiB).
+    Not one per process either: a thread runs one plan's steps at a time, but two threads capturing on one stream
+    would record each other's work."""
+    streams = _CAPTURE_STREAMS.__dict__.setdefault("by_device", {})
+    stream = streams.get(device.index)
+    if stream is None:
+        stream = streams[device.index] = torch.cuda.Stream(device=device)
+    return stream
+
+
+class _CudaGraphs:
+    """The CUDA-graph machinery of one plan, all on the plan's own device.
+
+    - A capture stream on that device (the creating thread's, :func:`_capture_stream`): torch's default capture
+      stream is made once, on whatever device is current at the first capture of the process, so that a later
+      capture for another GPU would record an empty graph (and every replay would return stale outputs).
+    - Eager warm-up runs on that stream (:meth:`warm`), so that what a capture needs per stream (cuBLAS
+      workspaces, cuDNN's autotuned algorithms for the shape) exists before it starts.
+    - One memory pool for the plan's T graphs (see :meth:`_StepRunner.capture`).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = _capture_stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def warm(self, fn):
+        """``fn()`` run eagerly on the capture stream, after the work queued so far and before what follows."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = fn()
+        current.wait_stream(self.stream)
+        return out
+
+    def capture(self, fn, writes=()):
+        """Capture ``fn()`` (recorded, not run) in a CUDA graph on the plan's stream; returns (its output, a
+        function that replays the graph on the current stream). ``writes``: the tensors ``fn`` writes (a
+        recording changes nothing; only a stand-in that runs ``fn`` needs them)."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            out = fn()
+        return out, graph.replay
+
+
+#: The graph machinery of new plans (:class:`_CudaGraphs`); tests and ``gfnet-bench gpucheck --dry-run`` put a CPU
+#: stand-in here (``gfnet.bench.standins.EmulatedGraphs``) to run the capture and replay logic without a GPU.
+GRAPHS = _CudaGraphs
+
+
+def _captures_its_own_graphs(net) -> Optional[str]:
+    """The compile mode of a model whose compiled encoders capture their own CUDA graphs (inductor's cudagraph
+    trees: mode "reduce-overhead" or "max-autotune"), else None."""
+    compiled = getattr(net, "compiled", None)
+    if not compiled or compiled.get("backend", "inductor") != "inductor":
+        return None
+    mode = compiled.get("mode")
+    try:
+        from torch._inductor import list_mode_options
+
+        options = list_mode_options(mode) if mode is not None else {}
+    except Exception:  # a torch without the table: judge by the names torch documents
+        options = {"triton.cudagraphs": mode in ("reduce-overhead", "max-autotune")}
+    if options.get("triton.cudagraphs"):
+        return str(mode)
+    return None
+
+
 class _StepRunner:
     """Runs step t on a list of slots: gather, the model's step, exit statistics, scatter of the new state.
 
     A step's result is one packed Tensor[2, n] float32 on the device: row 0 the max softmax probability, row 1
     the prediction (exact in float32 for fewer than 2^24 classes). Images whose logits are not finite get
     probability +inf (they exit at once) and prediction -1.
+
+    With CUDA graphs, a full batch of step t runs, in this order: eagerly on the plan's capture stream the first
+    time (cuDNN autotunes the shape, Triton and torch.compile compile, workspaces are made), captured the next
+    time and replayed from then on. A capture that fails is said once and the step runs eagerly for the rest of
+    the call; the next call tries again.
     """
 
     def __init__(self, net, store: _SlotStore, device: torch.device, dtype, batch_size: int, cuda_graphs: bool,
@@ -304,15 +403,32 @@ class _StepRunner:
         self.net, self.store, self.device, self.dtype = net, store, device, dtype
         self.batch_size = batch_size
         self.pad_batches = pad_batches
-        self.use_graphs = cuda_graphs
-        self.graphs: dict = {}
-        self.pool = None
-        self.replays = 0
+        self.machinery = GRAPHS(device) if cuda_graphs else None
+        self.graphs: dict = {}  # step -> (static slots, static output, replay)
+        self.warmed: set = set()  # steps run eagerly at the full batch on the capture stream
+        self.failed: set = set()  # steps whose capture failed in this call
+        self.replays = [0] * net.T  # graph replays per step, in this call
+        self.kept: dict = {}  # what the graphs read by address and the plan must keep alive (kernel parameters)
         # the host side of the packed result: pinned, so that the copy is asynchronous
         pinned = device.type == "cuda"
-        self.host = torch.empty((2, batch_size), dtype=torch.float32, pin_memory=pinned)
+        # (flat: a partial batch's [2, n] view must be contiguous, or the copy would go through a pageable temporary
+        # and wait for the device)
+        self.host = torch.empty(2 * batch_size, dtype=torch.float32, pin_memory=pinned)
         self.slots_staging = torch.empty(batch_size, dtype=torch.long, pin_memory=pinned)
         self.copied = torch.cuda.Event() if pinned else None
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.machinery is not None
+
+    def new_call(self) -> None:
+        """Start a budgeted_predict call: failed captures are tried again, replays counted afresh."""
+        self.failed.clear()
+        self.replays = [0] * self.net.T
+
+    def _autocast(self):
+        # one autocast state for every run of a step, eager, warm-up or captured (see gfnet.precision.autocast)
+        return autocast(self.device, self.dtype)
 
     def _step_on_rows(self, t: int, slots: torch.Tensor):
         """The model's step on the images and state gathered from the slot rows (device tensors only)."""
@@ -361,6 +477,25 @@ class _StepRunner:
                 self.store.scatter_state(slots[:keep], out.state.index(slice(0, keep)))
         return packed
 
+    def _full_batch(self, t: int, slots: torch.Tensor) -> Optional[torch.Tensor]:
+        """Step t on a full batch through the graph machinery (warm-up, capture, replay); None when the step
+        runs eagerly instead (its capture failed in this call)."""
+        if t in self.failed:
+            return None
+        graph = self.graphs.get(t)
+        if graph is None and t in self.warmed:
+            graph = self.capture(t)
+        if graph is not None:
+            static_slots, static_out, replay = graph
+            static_slots.copy_(slots)
+            replay()
+            self.replays[t] += 1
+            return static_out
+        with self._autocast():
+            packed = self.machinery.warm(lambda: self._body(t, slots))
+        self.warmed.add(t)
+        return packed
+
     def run(self, t: int, slots_host: torch.Tensor) -> torch.Tensor:
         """Run step t on the slots; returns the packed result on the host (Tensor[2, n] float32)."""
         n = slots_host.numel()
@@ -371,62 +506,55 @@ class _StepRunner:
             slots = slots_host
         packed = None
         if self.use_graphs and n == self.batch_size:
-            graph = self.graphs.get(t)
-            if graph is None and self.store.fc_hidden is not None:
-                graph = self.capture(t)
-            if graph is not None:
-                static_slots, static_out, cuda_graph = graph
-                static_slots.copy_(slots)
-                cuda_graph.replay()
-                self.replays += 1
-                packed = static_out
+            with keep_kernel_params(self.kept):
+                packed = self._full_batch(t, slots)
         if packed is None and self.pad_batches and n < self.batch_size:
             # pad_batches: a partial batch (the stream's tail) repeats its last slot up to the full batch shape,
             # so that a compiled model never recompiles for it, and keeps the first n results
             fill = self.batch_size - n
             padded_host = torch.cat([slots_host, slots_host[-1:].expand(fill)])
             padded = torch.cat([slots, slots[-1:].expand(fill)])
-            with autocast(self.device, self.dtype):
+            with self._autocast():
                 packed = self._body(t, padded, padded_host, keep=n)[:, :n]
         if packed is None:
-            with autocast(self.device, self.dtype):
+            with self._autocast():
                 packed = self._body(t, slots, slots_host)
         if self.copied is None:
             return packed
-        host = self.host[:, :n]
+        host = self.host[:2 * n].view(2, n)
         host.copy_(packed, non_blocking=True)
         self.copied.record()
         self.copied.synchronize()  # the one wait of the step
         return host
 
     def capture(self, t: int):
-        """Capture step t in a CUDA graph on the full batch (the state rows must exist: run any batch first).
-        Thread-local capture: other threads (DALI's) may use CUDA meanwhile."""
+        """Capture step t in a CUDA graph on the full batch (the state rows must exist and the step must have run
+        eagerly on the capture stream at this shape). Thread-local capture: other threads (DALI's) may use CUDA
+        meanwhile. Returns (static slots, static output, replay), or None when the capture failed."""
         try:
             static_slots = torch.arange(self.batch_size, device=self.device)
             # One memory pool for the T graphs: between replays every live tensor is either a slot
             # buffer (allocated eagerly, outside the pool) or a graph's static output (kept alive
             # here, so never handed to another graph); only transient intermediates are shared,
             # and a replay's outputs are read (copied to the host) before the next replay.
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            torch.cuda.synchronize(self.device)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph, pool=self.pool, capture_error_mode="thread_local"), \
-                    autocast(self.device, self.dtype, cache_enabled=False):
-                static_out = self._body(t, static_slots)
-            self.graphs[t] = (static_slots, static_out, cuda_graph)
+            store = self.store
+            writes = [x for x in (store.fc_hidden, store.policy_hidden, store.feature_map) if x is not None]
+            with keep_kernel_params(self.kept), self._autocast():
+                static_out, replay = self.machinery.capture(lambda: self._body(t, static_slots), writes)
+            self.graphs[t] = (static_slots, static_out, replay)
             return self.graphs[t]
-        except Exception as e:  # an op that cannot be captured: say so and keep going eagerly
+        except Exception as e:  # an op that cannot be captured: say so and run this step eagerly in this call
             warnings.warn(f"budgeted_predict: CUDA graph capture of step {t} failed ({type(e).__name__}: {e}); "
-                          "running the steps eagerly", RuntimeWarning, stacklevel=2)
-            self.use_graphs = False
+                          "running that step eagerly in this call (the next call tries again)", RuntimeWarning,
+                          stacklevel=3)
+            self.failed.add(t)
             return None
 
 
 @dataclass
 class _Plan:
-    """What a budgeted run keeps between calls on the GPU: slot buffers and the captured graphs that read them."""
+    """What a budgeted run keeps between calls on the GPU: slot buffers, the captured graphs that read them, and
+    (in ``runner.kept``) every other tensor those graphs read by address."""
 
     store: _SlotStore
     runner: _StepRunner
@@ -437,13 +565,15 @@ _MAX_PLANS = 4
 
 
 def _plan_key(net, device, batch_size, capacity, images: torch.Tensor, dtype, image_rows: bool, cuda_graphs: bool):
-    # Graphs replay fixed addresses: of the slot buffers (owned by the plan), and of every parameter and buffer
-    # of the model (a moved or replaced tensor means a new plan).
-    tensors = tuple((p.data_ptr(), p.dtype) for p in net.parameters()) + \
-        tuple((b.data_ptr(), b.dtype) for b in net.buffers())
+    # Graphs replay fixed addresses, shapes and strides: of the slot buffers (owned by the plan), and of every
+    # parameter and buffer of the model (a moved, replaced or re-viewed tensor means a new plan; weights loaded
+    # in place keep the plan, and its graphs read the new values).
+    tensors = tuple((t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride())
+                    for t in (*net.parameters(), *net.buffers()))
     layout = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    compiled = tuple(sorted((getattr(net, "compiled", None) or {}).items()))
     return (str(device), batch_size, capacity, tuple(images.shape[1:]), images.dtype, layout, amp_dtype(dtype),
-            net.T, image_rows, cuda_graphs, tensors)
+            net.T, image_rows, cuda_graphs, compiled, GRAPHS, tensors)
 
 
 def _plan_for(net, key, make) -> _Plan:
@@ -459,23 +589,26 @@ def _plan_for(net, key, make) -> _Plan:
 
 
 def _warm_up(plan: _Plan, net, example: torch.Tensor) -> None:
-    """Run every step once on a full batch of copies of ``example`` (allocating the state rows and compiling
-    the kernels), then capture the T graphs: all before any image of the stream is admitted."""
+    """Run every step on a full batch of copies of ``example`` (allocating the state rows on the current stream,
+    compiling the kernels), then, with graphs, warm every step on the capture stream and capture the T graphs:
+    all before any image of the stream is admitted (the rows hold nothing yet)."""
     store, runner = plan.store, plan.runner
     b = runner.batch_size
-    slots = torch.arange(b, dtype=torch.long)
+    slots_host = torch.arange(b, dtype=torch.long)
     channels_last = example.shape[1] == 3 and not example.is_contiguous() and \
         example.is_contiguous(memory_format=torch.channels_last)
     batch = example.expand(b, *example.shape[1:]).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    store.put_images(slots, batch)  # the slot rows take the stream's layout from this batch
-    with autocast(runner.device, runner.dtype):
+    store.put_images(slots_host, batch)  # the slot rows take the stream's layout from this batch
+    slots = slots_host.to(runner.device)
+    with runner._autocast(), keep_kernel_params(runner.kept):
         for t in range(net.T):
-            runner._body(t, slots.to(runner.device))
+            runner._body(t, slots)
     if runner.use_graphs:
-        for t in range(net.T):
-            if runner.capture(t) is None:
-                break
+        runner.new_call()
+        for _ in range(2):  # warm-up on the capture stream, then capture (and one replay)
+            for t in range(net.T):
+                runner.run(t, slots_host)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     plan.warm = True
@@ -507,12 +640,19 @@ def _setup(net, images_or_loader, batch_size, dtype, device, capacity, cuda_grap
         raise ValueError(f"capacity must be an int from batch_size to T * batch_size "
                          f"({batch_size}..{net.T * batch_size}; more slots are never used), got {capacity!r}")
     capacity = int(capacity)
+    own_graphs = _captures_its_own_graphs(net)
     if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda"
-    if cuda_graphs and device.type != "cuda":
+        # a model compiled with CUDA graphs of its own (inductor's) runs them; the engine's would nest them
+        cuda_graphs = GRAPHS.available(device) and own_graphs is None
+    if cuda_graphs and not GRAPHS.available(device):
         raise ValueError(f"cuda_graphs=True needs a CUDA device; got {device}")
+    if cuda_graphs and own_graphs is not None:
+        raise ValueError(f"cuda_graphs=True: this model was compiled with mode={own_graphs!r}, whose compiled "
+                         "encoders capture CUDA graphs of their own, which the engine's graphs cannot nest; leave "
+                         "cuda_graphs at None (the model's graphs then run), or compile with mode=None or "
+                         "'max-autotune-no-cudagraphs' to have the engine capture whole steps")
     if image_storage is None:
-        image_storage = "references" if device.type == "cpu" else "rows"
+        image_storage = "references" if device.type == "cpu" and not cuda_graphs else "rows"
     if image_storage not in ("rows", "references"):
         raise ValueError(f"image_storage must be 'rows' or 'references', got {image_storage!r}")
     if cuda_graphs and image_storage != "rows":
@@ -523,6 +663,20 @@ def _setup(net, images_or_loader, batch_size, dtype, device, capacity, cuda_grap
 def _new_plan(net, device, dtype, batch_size, capacity, image_rows, cuda_graphs) -> _Plan:
     store = _SlotStore(capacity, image_rows=image_rows)
     return _Plan(store, _StepRunner(net, store, device, dtype, batch_size, cuda_graphs))
+
+
+def release_budgeted(net) -> int:
+    """Drop the plans that :func:`budgeted_predict` keeps with ``net`` (slot buffers, CUDA graphs and their memory
+    pool); later calls make new ones. Returns how many were dropped. At most four are kept per model anyway (the
+    least recently used goes first); ``gfnet-bench gpucheck`` reports what one holds."""
+    plans = net.__dict__.pop("_budgeted_plans", None) or {}
+    devices = {plan.runner.device for plan in plans.values()}
+    for device in devices:  # nothing may still be reading the buffers when they are freed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    count = len(plans)
+    plans.clear()
+    return count
 
 
 @torch.no_grad()  # as anytime_predict: a compiled model then shares its graphs between the two
@@ -569,8 +723,11 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
         dtype: None/"fp32", "bf16" or "fp16" (autocast; the softmax runs in float32, as anytime_predict).
         device: where to run (default: the model's device); images are moved there.
         capacity: slots (default T * B, the least that keeps every batch full, see csrc/scheduler.cpp).
-        cuda_graphs: capture full-batch steps in CUDA graphs (default: on for CUDA devices). The graphs are
-            kept with the model for later calls (see :func:`prepare_budgeted` to capture them in advance).
+        cuda_graphs: capture full-batch steps in CUDA graphs (default: on for CUDA devices, except for a model
+            compiled with CUDA graphs of its own, ``net.compile(mode="reduce-overhead")``, whose graphs then run;
+            True is refused for such a model). The graphs are kept with the model for later calls (see
+            :func:`prepare_budgeted` to capture them in advance); a loader's stream captures each step at its
+            second full batch, after an eager one.
         flops: cumulative Multiply-Adds per step count (default :func:`step_flops`).
         image_storage: "rows" (images copied into per-slot rows on the device; needed by CUDA graphs) or
             "references" (no copy: slots refer to the input batches, focus steps copy only the patches);
@@ -596,6 +753,7 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
     stream = _ImageStream(net, images_or_loader, device, batch_size)
     scheduler = _scheduler_class()(capacity, batch_size, thresholds)
     admit_step = scheduler.ADMIT
+    # with image rows the plan (kept with the model) is looked up at the first admitted batch, whose shape it needs
     plan = None if image_rows else _new_plan(net, device, dtype, batch_size, capacity, image_rows, cuda_graphs)
     pad = bool(pad_batches)
     if plan is not None:
@@ -615,6 +773,7 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
                     plan = _plan_for(net, key, lambda: _new_plan(net, device, dtype, batch_size, capacity,
                                                                  image_rows, cuda_graphs))
                     plan.runner.pad_batches = pad
+                    plan.runner.new_call()
                 new_slots, _ = scheduler.admit(images.shape[0])
                 plan.store.put_images(new_slots, images)
                 continue
@@ -632,6 +791,7 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
         warnings.warn(f"budgeted_predict: {int(invalid.sum())} image(s) gave non-finite logits (NaN or inf pixels), "
                       f"e.g. stream positions {invalid.nonzero().flatten()[:5].tolist()}; they are reported with "
                       "prediction -1 (see BudgetedPrediction.invalid)", RuntimeWarning, stacklevel=2)
+    graph_batches = torch.tensor(plan.runner.replays if plan is not None else [0] * T, dtype=torch.long)
     flops_tensor = torch.tensor(flops, dtype=torch.float64)
     macs_spent = float(flops_tensor[exit_step].sum()) if n else 0.0
     return BudgetedPrediction(
@@ -641,4 +801,4 @@ def budgeted_predict(net, images_or_loader: Union[torch.Tensor, Iterable], thres
         step_images=torch.tensor(scheduler.step_images, dtype=torch.long),
         step_batches=torch.tensor(scheduler.step_batches, dtype=torch.long),
         partial_batches=scheduler.partial_batches,
-        cuda_graphs=plan is not None and plan.runner.replays > 0, invalid=invalid)
+        graph_batches=graph_batches, cuda_graphs=graph_batches > 0, invalid=invalid)

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from gfnet import budget
-from gfnet.device import configure_device
 from gfnet.engine import budgeted_predict
 
 __all__ = ["EvaluationResult", "RealExitRow", "ShardOutputs", "checkpoint_summary", "collect_confidences",
@@ -378,7 +377,6 @@ def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = 
     if device is not None:
         net = net.to(device)
     model_device = next(net.parameters()).device
-    configure_device(model_device)  # cuDNN benchmark and TF32 on a GPU
     if channels_last:
         net.to_channels_last()
     if compile:

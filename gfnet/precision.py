@@ -4,11 +4,13 @@ One table for every entry point (anytime and budgeted inference, training, bench
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+import time
+from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "default_amp", "native_bf16_cpu_feature", "bf16_offer"]
+__all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "default_amp", "native_bf16_cuda", "native_bf16_cpu_feature",
+           "bf16_offer", "measure_bf16_slowdown", "emulated_bf16_note"]
 
 # name -> the autocast dtype (None: no autocast, fp32)
 AMP_DTYPES = {"fp32": None, "float32": None, "none": None, None: None, torch.float32: None,
@@ -25,19 +27,37 @@ def amp_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
                          f"got {dtype!r}") from None
 
 
-def autocast(device: Union[torch.device, str], dtype, cache_enabled: bool = True):
-    """torch.autocast for ``dtype`` on ``device``'s type, or a null context for fp32."""
+def autocast(device: Union[torch.device, str], dtype, cache_enabled: bool = False):
+    """torch.autocast for ``dtype`` on ``device``'s type, or a null context for fp32.
+
+    The weight-cast cache is off by default, and inference (anytime, budgeted: eager steps, warm-up and
+    CUDA-graph capture alike) always runs with this one autocast state: a capture must run with the cache off
+    (a cast cached inside the graph's memory pool would outlive it), and a compiled model's guards see the
+    autocast state, so a different one between eager calls and the capture recompiles inside the capture,
+    which then fails. Inference casts each weight once per step, so the cache saves nothing there; training
+    (several forward passes per step over the same weights) keeps its own autocast with the cache on.
+    """
     amp = amp_dtype(dtype)
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=amp, cache_enabled=cache_enabled)
 
 
+def native_bf16_cuda(device: Union[torch.device, str]) -> bool:
+    """Whether the CUDA GPU ``device`` computes bf16 natively: compute capability 8.0 (Ampere) and newer.
+    ``torch.cuda.is_bf16_supported()`` is no answer: it also counts the emulation that older cards run (far
+    slower than their fp16). On ROCm, torch's own answer."""
+    if torch.version.hip:
+        return bool(torch.cuda.is_bf16_supported())
+    major, _ = torch.cuda.get_device_capability(torch.device(device))
+    return major >= 8
+
+
 def default_amp(device: Union[torch.device, str]) -> str:
     """The mixed precision users expect on ``device`` when they ask for one without naming it: bf16 on GPUs
-    that have it (Ampere and newer) and on CPUs, fp16 on older GPUs."""
+    that compute it natively (Ampere and newer) and on CPUs, fp16 on older GPUs."""
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not native_bf16_cuda(device):
         return "fp16"
     return "bf16"
 
@@ -91,3 +111,46 @@ def bf16_offer(device: Union[torch.device, str, None], amp: Optional[str], optio
             f"gfnet-demo accuracy after 3 steps, mean of 5 seeds: fp32 {_DEMO_ACC_FP32:.1f}%, fp32-trained "
             f"evaluated in bf16 {_DEMO_ACC_BF16_EVAL:.1f}%, trained in bf16 {_DEMO_ACC_BF16_TRAIN:.1f}% "
             f"(bench/results/demo_bf16_cpu.md)")
+
+
+_BF16_NAMES = ("bf16", "bfloat16", torch.bfloat16)
+
+
+def measure_bf16_slowdown(run: Callable[[], object], repeats: int = 2) -> float:
+    """How many times slower ``run()`` is under CPU bf16 autocast than in fp32, measured now: the fastest of
+    ``repeats`` timed calls in each precision, each after one untimed call (oneDNN builds its kernels then)."""
+    best = {}
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            run()
+            times = []
+            for _ in range(max(1, repeats)):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+        best[amp] = min(times)
+    return best[True] / max(best[False], 1e-9)
+
+
+def emulated_bf16_note(device: Union[torch.device, str, None], amp, option: str,
+                       make_run: Callable[[], Callable[[], object]], what: str) -> Optional[str]:
+    """The one line that the commands print, before the work starts, when a run asks for bf16 on a CPU without
+    native bf16 units (where autocast emulates bf16, slower than fp32); None otherwise.
+
+    Args:
+        device: where the run computes (None: the CPU). amp: the precision as the user gave it.
+        option: how the user asked ("--amp bf16", "--dtype bf16"), to say what to drop.
+        make_run: builds (only where the note applies) one call of the run's kind of work, e.g. a glance step
+            of its network at batch 1, which :func:`measure_bf16_slowdown` times in fp32 and under bf16 autocast.
+        what: that work in words, for the note ("a training step of resnet50's glance at batch 1").
+    Returns:
+        The note with the factor measured just now on this machine, or None.
+    """
+    if amp not in _BF16_NAMES or torch.device(device if device is not None else "cpu").type != "cpu":
+        return None
+    if native_bf16_cpu_feature() is not None:
+        return None
+    factor = measure_bf16_slowdown(make_run(), repeats=1)
+    return (f"note: this CPU has no native bf16 units (neither AVX512-BF16 nor AMX), so {option} emulates bf16 "
+            f"and runs slower than fp32 here: measured just now, {what} took {factor:.1f}x its fp32 time under "
+            f"bf16 autocast; leave out {option} for fp32 speed")

@@ -36,13 +36,16 @@ def _focus_crop_kernel(
     src = x_ptr + n * sxn + (y0 + i).to(tl.int64) * sxh + (x0 + j).to(tl.int64) * sxw
     dst = out_ptr + n * son + i.to(tl.int64) * soh + j.to(tl.int64) * sow
     for c in tl.static_range(3):
-        v = tl.load(src + c * sxc, mask=mask, other=0)
+        # int64: the channel stride of a planar batch (a [3, N, H, W] buffer seen as NCHW) passes 2^30
+        # elements for N * H * W > 2^30, and c * stride would wrap in int32
+        c64 = tl.full((), c, tl.int64)
+        v = tl.load(src + c64 * sxc, mask=mask, other=0)
         if COMPUTE_F64:
             v = v.to(tl.float64)
         else:
             v = v.to(tl.float32)
         v = normalise(v, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
-        tl.store(dst + c * soc, cast_out(v, OUT_DTYPE), mask=mask)
+        tl.store(dst + c64 * soc, cast_out(v, OUT_DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,

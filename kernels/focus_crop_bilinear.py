@@ -47,7 +47,7 @@ def _sample_taps(x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sx
     lx = x - xf
     y0 = yf.to(tl.int32)
     x0 = xf.to(tl.int32)
-    base = x_ptr + n * sxn + c * sxc
+    base = x_ptr + n * sxn + c.to(tl.int64) * sxc  # int64: a planar batch's channel stride passes 2^30
     if NORMALISE:
         m = tl.load(params_ptr + c)
         s = tl.load(params_ptr + 3 + c)
@@ -95,7 +95,7 @@ def _focus_crop_bilinear_fwd_kernel(
     i, j, _y0, _x0, ly, lx, _k00, _k01, _k10, _k11, v00, v01, v10, v11, _s = _sample_taps(
         x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw, IS_UINT8, NORMALISE, COMPUTE_F64, P)
     val = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-    dst = out_ptr + n * son + c * soc + i.to(tl.int64) * soh + j.to(tl.int64) * sow
+    dst = out_ptr + n * son + c.to(tl.int64) * soc + i.to(tl.int64) * soh + j.to(tl.int64) * sow
     tl.store(dst, cast_out(val, OUT_DTYPE), mask=mask)
 
 
@@ -116,7 +116,7 @@ def _focus_crop_bilinear_bwd_kernel(
     mask = offs < P * P
     i, j, y0, x0, ly, lx, k00, k01, k10, k11, v00, v01, v10, v11, s = _sample_taps(
         x_ptr, params_ptr, centers_ptr, n, c, offs, mask, H, W, sxn, sxc, sxh, sxw, IS_UINT8, NORMALISE, COMPUTE_F64, P)
-    g = tl.load(grad_out_ptr + n * sgn + c * sgc + i.to(tl.int64) * sgh + j.to(tl.int64) * sgw,
+    g = tl.load(grad_out_ptr + n * sgn + c.to(tl.int64) * sgc + i.to(tl.int64) * sgh + j.to(tl.int64) * sgw,
                 mask=mask, other=0).to(ly.dtype)
     g = tl.where(mask, g, 0.0)
     if NEED_IMAGES:
@@ -124,7 +124,7 @@ def _focus_crop_bilinear_bwd_kernel(
         # up to the order of float additions). d value / d pixel = 1 / (div * std); div is 1 here because
         # uint8 images carry no gradient.
         gs = div_ieee(g, s, COMPUTE_F64)
-        g00 = grad_x_ptr + n * gxn + c * gxc + y0.to(tl.int64) * gxh + x0.to(tl.int64) * gxw
+        g00 = grad_x_ptr + n * gxn + c.to(tl.int64) * gxc + y0.to(tl.int64) * gxh + x0.to(tl.int64) * gxw
         tl.atomic_add(g00, gs * (1.0 - ly) * (1.0 - lx), mask=k00)
         tl.atomic_add(g00 + gxw, gs * (1.0 - ly) * lx, mask=k01)
         tl.atomic_add(g00 + gxh, gs * ly * (1.0 - lx), mask=k10)

@@ -77,7 +77,10 @@ def _glance_resize_kernel(
         col0 = ix.to(tl.int64) * sxw
         col1 = tl.minimum(ix + 1, W - 1).to(tl.int64) * sxw
     for c in tl.static_range(3):
-        base = x_ptr + n * sxn + c * sxc
+        # int64: the channel stride of a planar batch (a [3, N, H, W] buffer seen as NCHW) passes 2^30
+        # elements for N * H * W > 2^30, and c * stride would wrap in int32
+        c64 = tl.full((), c, tl.int64)
+        base = x_ptr + n * sxn + c64 * sxc
         if BICUBIC:
             acc = tl.zeros_like(ty)
             for k in tl.static_range(4):
@@ -97,7 +100,7 @@ def _glance_resize_kernel(
             v11 = tl.load(base + row1 + col1, mask=mask, other=0).to(ty.dtype)
             acc = (1.0 - ty) * ((1.0 - tx) * v00 + tx * v01) + ty * ((1.0 - tx) * v10 + tx * v11)
         acc = normalise(acc, norm_ptr, c, IS_UINT8, NORMALISE, COMPUTE_F64)
-        tl.store(dst + c * soc, cast_out(acc, OUT_DTYPE), mask=mask)
+        tl.store(dst + c64 * soc, cast_out(acc, OUT_DTYPE), mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,

@@ -71,17 +71,17 @@ def test_kernels_suite_refuses_a_wrong_crop(monkeypatch):
 def test_budget_suite_refuses_exits_that_differ_from_the_simulation():
     from types import SimpleNamespace
 
-    from gfnet.bench.bench_budget import _check_exits
+    from gfnet.bench.bench_budget import check_exits
 
     probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4]], [[0.2, 0.8], [0.7, 0.3]]])  # [T=2, N=2, C=2]
     thresholds = torch.tensor([0.8, -1e8])
     right = SimpleNamespace(exit_step=torch.tensor([0, 1]), preds=torch.tensor([0, 0]))
-    assert _check_exits("p=5", right, probs, thresholds) == 1.0
+    assert check_exits("p=5", right, probs, thresholds) == 1.0
     wrong = SimpleNamespace(exit_step=torch.tensor([1, 1]), preds=torch.tensor([1, 0]))
     with pytest.raises(OutputMismatch, match="budget p=5: 1 of 2 images exit or predict differently"):
-        _check_exits("p=5", wrong, probs, thresholds)
+        check_exits("p=5", wrong, probs, thresholds)
     # a confidence within 1e-5 of its threshold may fall either way
-    assert _check_exits("p=5", wrong, probs, torch.tensor([0.9 - 1e-6, -1e8])) == 0.5
+    assert check_exits("p=5", wrong, probs, torch.tensor([0.9 - 1e-6, -1e8])) == 0.5
 
 
 def test_bench_settings_reach_the_suite_and_are_checked():

@@ -164,5 +164,5 @@ def test_cuda_graphs_equal_post_hoc(arch, classifier):
     thresholds, margin = separated_thresholds(budget.confidences(reference.probs)[0].cpu(), (0.3, 0.3))
     want_preds, want_steps = post_hoc(reference, thresholds.cuda())
     out = budgeted_predict(net, images, thresholds, batch_size=16, cuda_graphs=True, flops=FLOPS)
-    assert out.cuda_graphs
+    assert bool(out.cuda_graphs[0]) and int(out.graph_batches.sum()) > 0
     assert torch.equal(out.exit_step, want_steps.cpu()) and torch.equal(out.preds, want_preds.cpu())

@@ -16,6 +16,7 @@ import os
 import sys
 
 from gfnet.cli._errors import UsageError, parse_device, positive_int, prepare_output_dir, run_command
+from gfnet.device import gpu_settings
 
 #: The registered suites: name -> module (a new suite, e.g. a GPU check, adds one line here).
 SUITES = {
@@ -120,7 +121,7 @@ def _settings(pairs, name: str, module) -> dict:
 
 def _bench(args) -> int:
     from gfnet.bench.common import resolve_device
-    from gfnet.bench.rows import check_writable, environment, markdown_table, write_results
+    from gfnet.bench.rows import check_writable, environment
 
     names = list(SUITES) if args.suites == ["all"] else args.suites
     unknown = [name for name in names if name not in SUITES]
@@ -136,29 +137,37 @@ def _bench(args) -> int:
     # Stamped once, before anything is written: results written by an earlier suite of this command must
     # not make the checkout look modified ("-dirty") to the next one.
     stamp = environment(device, note=args.note)
-    for name, module in modules.items():
-        env = {**stamp, "load_average": [round(v, 2) for v in os.getloadavg()]}
-        if settings[name]:
-            env["settings"] = dict(settings[name])
-        kwargs = {"compile": True} if args.compile and "compile" in inspect.signature(module.run).parameters else {}
-        kwargs.update(settings[name])
-        rows = module.run(device=str(device), quick=args.quick, threads=args.threads, **kwargs)
-        env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-        extra_columns = getattr(module, "EXTRA_COLUMNS", ())
-        if args.json:
-            print(json.dumps({"suite": name, "env": env, "rows": [r.to_dict() for r in rows]}, indent=1))
-        else:
-            print(f"\n== {name}: {env['device_name']}, git {env['git']} ==")
-            print(markdown_table(rows, extra_columns))
-        if args.out_dir:
-            paths = write_results(args.out_dir, name, env, rows, extra_columns, getattr(module, "NOTES", ""))
-            print(f"wrote {paths['json']} and {paths['md']}")
-            if not args.no_chart:
-                from gfnet.viz.bench_charts import plot_bench
-
-                for png in plot_bench(paths["json"], os.path.splitext(paths["json"])[0] + ".png"):
-                    print(f"wrote {png}")
+    with gpu_settings(tf32=None, cudnn_benchmark=True):  # this command's, restored afterwards; TF32 as torch has it
+        for name, module in modules.items():
+            _run_suite(args, name, module, device, stamp, settings[name])
     return 0
+
+
+def _run_suite(args, name, module, device, stamp, settings) -> None:
+    """Run one suite, print its rows, write its files."""
+    from gfnet.bench.rows import markdown_table, write_results
+
+    env = {**stamp, "load_average": [round(v, 2) for v in os.getloadavg()]}
+    if settings:
+        env["settings"] = dict(settings)
+    kwargs = {"compile": True} if args.compile and "compile" in inspect.signature(module.run).parameters else {}
+    kwargs.update(settings)
+    rows = module.run(device=str(device), quick=args.quick, threads=args.threads, **kwargs)
+    env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    extra_columns = getattr(module, "EXTRA_COLUMNS", ())
+    if args.json:
+        print(json.dumps({"suite": name, "env": env, "rows": [r.to_dict() for r in rows]}, indent=1))
+    else:
+        print(f"\n== {name}: {env['device_name']}, git {env['git']} ==")
+        print(markdown_table(rows, extra_columns))
+    if args.out_dir:
+        paths = write_results(args.out_dir, name, env, rows, extra_columns, getattr(module, "NOTES", ""))
+        print(f"wrote {paths['json']} and {paths['md']}")
+        if not args.no_chart:
+            from gfnet.viz.bench_charts import plot_bench
+
+            for png in plot_bench(paths["json"], os.path.splitext(paths["json"])[0] + ".png"):
+                print(f"wrote {png}")
 
 
 if __name__ == "__main__":

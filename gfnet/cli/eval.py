@@ -27,6 +27,7 @@ import os
 import sys
 
 from gfnet.cli._errors import check_writable_file, nonnegative_int, parse_device, positive_int, run_command
+from gfnet.device import gpu_settings
 from gfnet.evaluation import DEFAULT_REAL_EXIT_POINTS, DEFAULT_TRAIN_SUBSET, evaluate_checkpoint
 
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:<k> (default: cpu; under torchrun 'cuda' is "
                    "each process's own GPU)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="autocast dtype (default fp32)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on a GPU, let float32 matrix products and convolutions use TF32 tensor cores (faster, ~10 "
+                        "mantissa bits; the reference's numbers were computed without). Default: full float32")
     p.add_argument("--compile", action="store_true",
                    help="compile the encoders with torch.compile (the first batches take longer while they compile)")
     p.add_argument("--channels-last", action="store_true",
@@ -83,25 +87,25 @@ def _evaluate(args) -> int:
         if args.eval_mode == 0:
             raise ValueError("--write stores the results of eval modes 1 and 2; mode 0 computes none")
         check_writable_file(args.checkpoint, "checkpoint")  # before the work, not after it
-    if args.eval_mode != 0 and int(os.environ.get("RANK", "0")) == 0:  # mode 0 computes nothing
-        from gfnet.precision import bf16_offer
+    if args.eval_mode != 0:  # mode 0 computes nothing
+        from gfnet.cli._notes import print_precision_notes
 
-        offer = bf16_offer(args.device or "cpu", args.dtype, option="--dtype bf16")
-        if offer:
-            print(offer, file=sys.stderr)
+        print_precision_notes(args.device or "cpu", args.dtype, "--dtype bf16", args.arch, args.patch_size,
+                              training=False)
     ctx = None
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.eval_mode != 0:  # launched by torchrun
             from gfnet.train.distributed import init_distributed
 
             ctx = init_distributed(args.device or "cpu")
-        evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
-                            device=ctx.device if ctx is not None else args.device, dtype=args.dtype,
-                            train_subset=args.train_subset, real_exit=args.real_exit, backend=args.backend,
-                            write=args.write, seed=args.seed, real_exit_points=args.real_exit_points,
-                            num_threads=args.num_threads, arch=args.arch, patch_size=args.patch_size, T=args.T,
-                            ctx=ctx, log=print if int(os.environ.get("RANK", "0")) == 0 else None,
-                            compile=args.compile, channels_last=args.channels_last)
+        with gpu_settings(tf32=args.tf32, cudnn_benchmark=True):  # this run's, restored afterwards
+            evaluate_checkpoint(args.checkpoint, args.eval_mode, data=args.data, batch_size=args.batch_size,
+                                device=ctx.device if ctx is not None else args.device, dtype=args.dtype,
+                                train_subset=args.train_subset, real_exit=args.real_exit, backend=args.backend,
+                                write=args.write, seed=args.seed, real_exit_points=args.real_exit_points,
+                                num_threads=args.num_threads, arch=args.arch, patch_size=args.patch_size, T=args.T,
+                                ctx=ctx, log=print if int(os.environ.get("RANK", "0")) == 0 else None,
+                                compile=args.compile, channels_last=args.channels_last)
     finally:
         if ctx is not None:
             ctx.close()

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true",
                    help="compile the encoders with torch.compile (the first steps take longer while they compile)")
     r.add_argument("--device", help="cpu, cuda, cuda:K (default: this process's GPU if any, else cpu)")
+    r.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, float32 matrix products and convolutions on TF32 tensor cores (default on; "
+                        "--no-tf32 keeps full float32); cuDNN picks the fastest convolution per shape either way")
     r.add_argument("--backend", choices=("dali", "torchvision"), default="dali", help="input pipeline")
     r.add_argument("--workers", type=nonnegative_int, help="DALI threads / DataLoader workers per process "
                    "(0: the torchvision backend reads in the main process)")
@@ -130,13 +133,11 @@ def _train(args) -> int:
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.INFO)  # per-step lines go to the log file only
     logging.getLogger("gfnet.train").setLevel(logging.DEBUG)
-    if int(os.environ.get("RANK", "0")) == 0:  # one note, not one per process
-        from gfnet.device import resolve_device
-        from gfnet.precision import bf16_offer
+    from gfnet.cli._notes import print_precision_notes
+    from gfnet.device import gpu_settings, resolve_device
 
-        offer = bf16_offer(resolve_device(args.device), args.amp, option="--amp bf16")
-        if offer:
-            print(offer, file=sys.stderr)
+    print_precision_notes(resolve_device(args.device), args.amp, "--amp bf16", args.arch, args.patch_size,
+                          training=True)
     options = TrainOptions(
         stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, backbone_lr=args.lr, fc_lr=args.fc_lr,
         policy_lr=args.policy_lr, weight_decay=args.weight_decay, dsn_ratio=args.dsn_ratio,
@@ -145,12 +146,13 @@ def _train(args) -> int:
         compile=args.compile, seed=args.seed,
         progress=not args.no_progress, continue_policy=args.continue_policy, transforms=args.transforms,
         save_layout=args.save_layout)
-    history = train_imagefolder(
-        args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
-        init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
-        resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
-        validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite,
-        stop_signals=("SIGTERM", *args.requeue_signal))
+    with gpu_settings(tf32=args.tf32, cudnn_benchmark=True):  # this run's, restored afterwards
+        history = train_imagefolder(
+            args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
+            init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
+            resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
+            validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite,
+            stop_signals=("SIGTERM", *args.requeue_signal))
     if history and int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process
         last = history[-1]
         acc = last.get("val_acc", last["train_acc"])

@@ -34,6 +34,7 @@ from gfnet.data.augment import batch_augmentation
 from gfnet.data.loader import ImageLoader, TransformSpec
 from gfnet.data.sharding import PlannedBatch, ShardPlan, fill_batch
 from gfnet.data.validate import read_checked
+from gfnet.device import to_device_async
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -317,7 +318,8 @@ class DaliLoader(ImageLoader):
                     waiting.append(r)
                 continue
             scheduled.popleft()
-            yield images, self._labels(read.indices).to(self.device), self._failures(read.failures)
+            # labels through pinned memory: a pageable copy would wait for the GPU's queue once per batch
+            yield images, to_device_async(self._labels(read.indices), self.device), self._failures(read.failures)
 
     def _find_undecodable(self, read: _ReadBatch, retried: set) -> dict[int, str]:
         """The files of a batch that DALI fails on alone, with the reason; each run through a pipeline of one."""

@@ -331,7 +331,9 @@ class GFNet(nn.Module):
         use them. Parameter names and checkpoints are unchanged; outputs equal eager ones to float rounding.
 
         Args:
-            mode: torch.compile's mode (None, "reduce-overhead", "max-autotune", ...).
+            mode: torch.compile's mode (None, "reduce-overhead", "max-autotune", ...). "reduce-overhead" and
+                "max-autotune" capture CUDA graphs of their own: :func:`gfnet.engine.budgeted_predict` then runs
+                those and leaves its own (whole-step) graphs off.
             dynamic: None (default) lets torch mark the batch dimension dynamic when a second batch shape
                 comes (a stream's tail, a last chunk): one more compilation, never one per shape; True compiles
                 dynamic shapes from the start; False specialises on every shape. Measured end to end on the

@@ -17,10 +17,11 @@ One file per op (gfnet/ops/<op>.py: schema, per-device kernels, fake, autograd, 
 Triton kernel and plain-PyTorch reference in kernels/<op>.py and its C++ kernel in csrc/<op>.cpp. Which kernel
 runs is decided in one place, :mod:`gfnet.ops._dispatch` (:func:`select_backend`, :func:`use_backend`).
 """
+from gfnet.ops._checks import keep_kernel_params
 from gfnet.ops._dispatch import BACKENDS, select_backend, use_backend
 from gfnet.ops.focus_crop import focus_corners, focus_crop
 from gfnet.ops.focus_crop_bilinear import focus_crop_bilinear
 from gfnet.ops.glance_resize import glance_resize
 
-__all__ = ["BACKENDS", "focus_corners", "focus_crop", "focus_crop_bilinear", "glance_resize", "select_backend",
-           "use_backend"]
+__all__ = ["BACKENDS", "focus_corners", "focus_crop", "focus_crop_bilinear", "glance_resize", "keep_kernel_params",
+           "select_backend", "use_backend"]

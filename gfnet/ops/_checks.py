@@ -2,9 +2,11 @@
 constants, positions and sizes. Each check raises with a message that says what was expected."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
-from typing import List, Optional, Tuple
+import threading
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -109,13 +111,33 @@ def _params(mean, std, extra, dtype: torch.dtype, device: torch.device) -> torch
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+_keepers = threading.local()
+
+
+@contextlib.contextmanager
+def keep_kernel_params(kept: dict) -> Iterator[dict]:
+    """Inside the block, every tensor that :func:`kernel_params` hands out (in this thread) is also stored in
+    ``kept`` (id -> tensor): its holder keeps it alive whatever the cache evicts. A CUDA graph reads these
+    tensors by address, so whoever owns the graph (a plan of gfnet.engine) must own them too."""
+    stack = _keepers.__dict__.setdefault("stack", [])
+    stack.append(kept)
+    try:
+        yield kept
+    finally:
+        stack.pop()
+
+
 def kernel_params(mean, std, extra: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Tensor[6 + len(extra)]: mean, std (and e.g. the bilinear crop's scale) for the Triton kernels, which
     read them from memory (Python floats reach Triton as float32 scalars, which would round a float64
     computation). Cached, so that a CUDA call does not copy them to the device (a host synchronisation) every
-    time, and so that CUDA-graph capture finds them already on the device."""
-    return _params(tuple(mean) if mean is not None else None, tuple(std) if std is not None else None,
-                   tuple(extra), dtype, device)
+    time, and so that CUDA-graph capture finds them already on the device; the cache may drop a tensor, so a
+    captured graph's owner keeps what it read (:func:`keep_kernel_params`)."""
+    params = _params(tuple(mean) if mean is not None else None, tuple(std) if std is not None else None,
+                     tuple(extra), dtype, device)
+    for kept in getattr(_keepers, "stack", ()):
+        kept[id(params)] = params
+    return params
 
 
 def images_meta(images: torch.Tensor):

@@ -48,7 +48,6 @@ from gfnet.checkpoint import (
     torch_load,
 )
 from gfnet.config import TRANSFORMS
-from gfnet.device import configure_device
 from gfnet.flops import compute_flops
 from gfnet.models.gfnet import GFNet
 from gfnet.models.policy import ACTION_STD
@@ -259,7 +258,6 @@ class Trainer:
             amp = default_amp(self.device) if self.device.type == "cuda" else "none"
             self.options = dataclasses.replace(self.options, amp=amp)
         self.amp_dtype = amp_dtype(self.options.amp)
-        configure_device(self.device)  # cuDNN benchmark and TF32 on a GPU
         if self.options.channels_last:
             net.to_channels_last()
         if self.options.compile and net.compiled is None:
