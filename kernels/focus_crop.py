@@ -7,7 +7,6 @@ one sample's patch; the corners come in as an int32 tensor so no value ever visi
 import torch
 
 from gfnet.kernels._cast import cast_out, normalise
-from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
@@ -74,32 +73,3 @@ def focus_crop_triton(images, corners, out, norm=None):
         COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out
-
-
-def focus_corners(actions, image_size, patch_size):
-    """GFNet's patch corner, the one definition every crop uses: ``floor(a * (S - P))`` computed in the
-    actions' dtype, as the reference computes it, then int32 (a[:, 0] the row, a[:, 1] the column).
-
-    actions: Tensor[N, 2] float in [0, 1]; image_size: S; patch_size: P. Returns Tensor[N, 2] int32 on the
-    actions' device (no host synchronisation)."""
-    return torch.floor(actions * (image_size - patch_size)).to(torch.int32)
-
-
-def focus_crop_ref(images, actions, patch_size, mean=None, std=None, out_dtype=None, channels_last=False):
-    """Plain-PyTorch focus crop: the definition the kernels are tested against.
-
-    images: Tensor[N, 3, H, W] (any strides), uint8 or float. actions: Tensor[N, 2] in [0, 1], (row, column).
-    The corner is ``floor(actions * (S - P))`` computed in the actions' dtype, exactly as the GFNet reference
-    does it. Returns Tensor[N, 3, P, P] in ``out_dtype`` (default: float32 for uint8 input, else the input's).
-    """
-    n, _, h, w = images.shape
-    p = patch_size
-    corners = focus_corners(actions, h, p).long()
-    idx = torch.arange(p, device=images.device)
-    rows = (corners[:, 0:1] + idx).view(n, 1, p, 1)
-    cols = (corners[:, 1:2] + idx).view(n, 1, 1, p)
-    x = images[torch.arange(n, device=images.device).view(n, 1, 1, 1),
-               torch.arange(3, device=images.device).view(1, 3, 1, 1), rows, cols]
-    x = x.to(compute_dtype(images))
-    x = normalise_ref(x, images.dtype, mean, std)
-    return finish_ref(x, images.dtype, out_dtype, channels_last)

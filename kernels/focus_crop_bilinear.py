@@ -14,10 +14,8 @@ The backward pass gives d/d images (float inputs) and d/d centers (the bilinear 
 one-sided at integer positions as grid_sample's).
 """
 import torch
-import torch.nn.functional as F
 
 from gfnet.kernels._cast import cast_out, div_ieee
-from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
@@ -184,26 +182,3 @@ def focus_crop_bilinear_backward_triton(grad_out, images, centers, params, norma
         IS_UINT8=images.dtype == torch.uint8, NORMALISE=normalise, COMPUTE_F64=centers.dtype == torch.float64,
         NEED_IMAGES=grad_images is not None, NEED_CENTERS=grad_centers is not None, P=p, BLOCK=block,
     )
-
-
-def focus_crop_bilinear_ref(images, centers, patch_size, scale=1.0, mean=None, std=None, out_dtype=None,
-                            channels_last=False):
-    """Plain-PyTorch bilinear crop through ``F.grid_sample``; differentiable in images (float) and centers.
-
-    images: Tensor[N, 3, H, W] (any strides), uint8 or float, H, W >= 2. centers: Tensor[N, 2] (row, column)
-    in [0, 1]. Computed in float64 for float64 images, else float32. Returns Tensor[N, 3, P, P] in
-    ``out_dtype`` (default: float32 for uint8, else the input's). Convention: see the module docstring.
-    """
-    n, _, h, w = images.shape
-    p = patch_size
-    compute = compute_dtype(images)
-    x = images.to(compute)
-    x = normalise_ref(x, images.dtype, mean, std)
-    c = centers.to(compute)
-    steps = (torch.arange(p, dtype=compute, device=x.device) - (p - 1) * 0.5) * scale
-    # grid_sample with align_corners=True maps -1 and 1 to the centers of the first and last pixels.
-    gy = (c[:, 0:1] * (h - 1) + steps) * (2.0 / (h - 1)) - 1.0
-    gx = (c[:, 1:2] * (w - 1) + steps) * (2.0 / (w - 1)) - 1.0
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return finish_ref(out, images.dtype, out_dtype, channels_last)

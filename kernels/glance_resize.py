@@ -10,10 +10,8 @@ values and normalising afterwards equals normalising first up to float rounding,
 normalisations per channel.
 """
 import torch
-import torch.nn.functional as F
 
 from gfnet.kernels._cast import cast_out, normalise
-from gfnet.kernels._reference import compute_dtype, finish_ref, normalise_ref
 from gfnet.kernels._triton import tl, triton
 
 
@@ -128,16 +126,3 @@ def glance_resize_triton(images, out, mode="bicubic", norm=None):
         COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out
-
-
-def glance_resize_ref(images, size, mode="bicubic", mean=None, std=None, out_dtype=None, channels_last=False):
-    """Plain-PyTorch glance resize: ``F.interpolate(align_corners=True)`` then normalisation.
-
-    images: Tensor[N, 3, H, W] (any strides), uint8 or float; computed in float32 (float64 for float64
-    input). Returns Tensor[N, 3, size, size] in ``out_dtype`` (default: float32 for uint8, else the input's).
-    """
-    compute = compute_dtype(images)
-    x = images.to(compute)
-    x = F.interpolate(x, size=(size, size), mode=mode, align_corners=True)
-    x = normalise_ref(x, images.dtype, mean, std)
-    return finish_ref(x, images.dtype, out_dtype, channels_last)

@@ -106,3 +106,21 @@ def test_importing_the_kernels_loads_no_model():
             "assert not [m for m in sys.modules if m.startswith(('gfnet.models', 'gfnet.ops', 'gfnet.engine'))]")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_importing_the_ops_leaves_triton_unloaded_until_a_triton_kernel_runs():
+    """``import gfnet.ops`` (and the models and engine above it) loads no Triton, and gfnet's Triton kernels
+    are defined only when one first runs, so TRITON_INTERPRET set after those imports (and after a C++ kernel
+    ran, whose first call makes torch's custom-op machinery import Triton for its own use) still takes
+    effect: the Triton kernel then runs in the interpreter."""
+    code = ("import os, sys, torch, gfnet.ops, gfnet.models, gfnet.engine\n"
+            "assert 'triton' not in sys.modules, sorted(m for m in sys.modules if 'kernels' in m)\n"
+            "x = torch.rand(2, 3, 16, 16); a = torch.rand(2, 2)\n"
+            "cpp = gfnet.ops.focus_crop(x, a, 8)\n"
+            "assert 'gfnet.kernels.focus_crop' not in sys.modules, 'the C++ kernel defined the Triton kernels'\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "tri = gfnet.ops.focus_crop(x, a, 8, backend='triton')\n"
+            "assert 'triton' in sys.modules and torch.equal(tri, cpp)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -23,9 +23,7 @@ import torch.nn.functional as F
 
 from gfnet import ops
 from gfnet.config import IMAGENET_MEAN, IMAGENET_STD
-from gfnet.kernels.focus_crop import focus_crop_ref
-from gfnet.kernels.focus_crop_bilinear import focus_crop_bilinear_ref
-from gfnet.kernels.glance_resize import glance_resize_ref
+from gfnet.kernels.reference import focus_crop_bilinear_ref, focus_crop_ref, glance_resize_ref
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py where no GPU is present
 FAST = ("cpp", "triton")  # "triton" cases run interpreted on CPU tensors (skipped where a GPU is present)

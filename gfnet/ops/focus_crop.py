@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from gfnet.kernels.focus_crop import focus_corners, focus_crop_ref
+from gfnet.kernels.reference import focus_corners, focus_crop_ref
 from gfnet.ops import _checks as C
 from gfnet.ops._dispatch import cpu_kernels, register_kernels, select_backend, triton_kernels, use_backend
 

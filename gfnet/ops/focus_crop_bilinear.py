@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from gfnet.kernels.focus_crop_bilinear import focus_crop_bilinear_ref
+from gfnet.kernels.reference import focus_crop_bilinear_ref
 from gfnet.ops import _checks as C
 from gfnet.ops._dispatch import (
     alert_not_deterministic,

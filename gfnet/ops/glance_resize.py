@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from gfnet.kernels.glance_resize import glance_resize_ref
+from gfnet.kernels.reference import glance_resize_ref
 from gfnet.ops import _checks as C
 from gfnet.ops._dispatch import cpu_kernels, register_kernels, select_backend, triton_kernels, use_backend
 
