@@ -76,13 +76,69 @@ def native_bf16_cpu_feature() -> Optional[str]:
     return None
 
 
-# What the offer quotes, each measured on the 2-core AMD EPYC development VM (avx512_bf16) and kept in the
-# file named beside it: speed from bench/results/anytime_compile_cpu.md (ResNet-50 GFNet, P=96, T=5, batch
-# 16, anytime inference with channels-last encoders against the reference's fp32 loop), accuracy from
-# bench/results/demo_bf16_cpu.md (gfnet-demo, held-out digits, accuracy after the last step, mean of seeds
-# 0-4; one seed alone varies by 25 points).
-_BF16_SPEEDUP_EAGER, _BF16_SPEEDUP_COMPILED = 1.93, 2.22
-_DEMO_ACC_FP32, _DEMO_ACC_BF16_EVAL, _DEMO_ACC_BF16_TRAIN = 67.4, 67.3, 65.1
+#: The results files the offer quotes, under the benchmark suites' ``results`` folder (bench/results in a
+#: source checkout): the speed of bf16 autocast against fp32 (ResNet-50 GFNet anytime inference, eager and
+#: compiled, channels-last) and the demo's accuracy trained and evaluated in each precision.
+BF16_SPEED_FILE, BF16_ACCURACY_FILE = "anytime_compile_cpu.json", "demo_bf16_cpu.json"
+
+
+def _results_dir() -> Optional[str]:
+    """bench/results of this installation (``gfnet.bench``'s folder), found without importing the suites."""
+    import importlib.util
+    import os
+
+    try:
+        spec = importlib.util.find_spec("gfnet.bench")
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    return next((os.path.join(f, "results") for f in folders if os.path.isdir(os.path.join(f, "results"))), None)
+
+
+def _read_results(name: str) -> Optional[dict]:
+    import json
+    import os
+
+    folder = _results_dir()
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def measured_bf16_figures() -> list:
+    """What the bf16 offer quotes, read now from the results files (so a rerun benchmark is what is quoted):
+    phrases such as "1.61x eager (fp32 0.533 s -> bf16 0.331 s per batch)" and the demo's mean accuracy per
+    precision, each with the machine and file it comes from; [] where the files are absent or unreadable
+    (an installed wheel has no bench/results)."""
+    quotes = []
+    speed = _read_results(BF16_SPEED_FILE)
+    try:
+        rows = {r["provider"]: r["median_s"] for r in speed["rows"]}
+        pairs = [(how, rows[f"gfnet{c} (fp32, channels-last)"], rows[f"gfnet{c} (bf16 autocast, channels-last)"])
+                 for how, c in (("eager", ""), ("compiled", " compiled")) if f"gfnet{c} (fp32, channels-last)" in rows]
+        if pairs:
+            case = speed["rows"][0]["case"]
+            machine = speed["env"].get("device_name", "?")
+            quotes.append(", ".join(f"{fp32 / bf16:.2f}x {how}" for how, fp32, bf16 in pairs)
+                          + f" over fp32 ({case}, channels-last, on {machine}; bench/results/{BF16_SPEED_FILE})")
+    except (TypeError, KeyError, IndexError, ZeroDivisionError):
+        pass
+    acc = _read_results(BF16_ACCURACY_FILE)
+    try:
+        by = {}
+        for run in acc["runs"]:
+            by.setdefault(run["train_and_eval"], []).append(float(run["anytime_accuracy_learned"][-1]))
+        if by:
+            means = ", ".join(f"{k} {sum(v) / len(v):.1f}% ({len(v)} run{'s' * (len(v) > 1)})" for k, v in by.items())
+            quotes.append(f"gfnet-demo accuracy after the last step: {means} (git {acc.get('git', '?')}; "
+                          f"bench/results/{BF16_ACCURACY_FILE})")
+    except (TypeError, KeyError, IndexError, ValueError):
+        pass
+    return quotes
 
 
 def bf16_offer(device: Union[torch.device, str, None], amp: Optional[str], option: str = "--amp bf16") -> Optional[str]:
@@ -95,7 +151,8 @@ def bf16_offer(device: Union[torch.device, str, None], amp: Optional[str], optio
             an explicit choice ("none", "fp32", "bf16", "fp16") is respected silently.
         option: the command's way to ask for bf16 ("--amp bf16" in gfnet-train, "--dtype bf16" in gfnet-eval).
     Returns:
-        The note, or None. bf16 is offered, never switched on: it changes the numbers a run produces.
+        The note, or None. bf16 is offered, never switched on: it changes the numbers a run produces. The
+        figures it quotes are read from the results files when they are there (:func:`measured_bf16_figures`).
     """
     if amp not in ("auto", None):
         return None
@@ -104,13 +161,11 @@ def bf16_offer(device: Union[torch.device, str, None], amp: Optional[str], optio
     feature = native_bf16_cpu_feature()
     if feature is None:
         return None
-    return (f"note: this CPU has native bf16 units ({feature}) and this run computes in fp32; {option} "
-            f"is available: measured {_BF16_SPEEDUP_EAGER:.2f}x eager, {_BF16_SPEEDUP_COMPILED:.2f}x compiled "
-            f"(channels-last) vs fp32 for ResNet-50 GFNet inference on a 2-core EPYC "
-            f"(bench/results/anytime_compile_cpu.md); "
-            f"gfnet-demo accuracy after 3 steps, mean of 5 seeds: fp32 {_DEMO_ACC_FP32:.1f}%, fp32-trained "
-            f"evaluated in bf16 {_DEMO_ACC_BF16_EVAL:.1f}%, trained in bf16 {_DEMO_ACC_BF16_TRAIN:.1f}% "
-            f"(bench/results/demo_bf16_cpu.md)")
+    figures = measured_bf16_figures()
+    measured = ("; measured: " + "; ".join(figures)) if figures else \
+        "; it changes the numbers a run produces (gfnet-bench anytime --compile measures its speed here)"
+    return f"note: this CPU has native bf16 units ({feature}) and this run computes in fp32; {option} is available" \
+        + measured
 
 
 _BF16_NAMES = ("bf16", "bfloat16", torch.bfloat16)
