@@ -7,7 +7,13 @@ both the GPU compiler and the interpreter (a few integer operations on a memory-
 NaN needs its own case: adding the rounding bias to a NaN's bits carries into the sign and exponent (the
 GPU's canonical NaN 0x7FFFFFFF would become -0.0), so NaNs are written as torch writes them (0x7FC0).
 """
+import torch
+
 from gfnet.kernels._triton import tl, triton
+
+#: torch dtype -> Triton dtype of the kernels' outputs.
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float64: tl.float64}
 
 
 @triton.jit

@@ -6,7 +6,7 @@ one sample's patch; the corners come in as an int32 tensor so no value ever visi
 """
 import torch
 
-from gfnet.kernels._cast import cast_out, normalise
+from gfnet.kernels._cast import TL_DTYPES, cast_out, normalise
 from gfnet.kernels._triton import tl, triton
 
 
@@ -47,10 +47,6 @@ def _focus_crop_kernel(
         tl.store(dst + c64 * soc, cast_out(v, OUT_DTYPE), mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-              torch.float64: tl.float64}
-
-
 def focus_crop_triton(images, corners, out, norm=None):
     """Launch the focus-crop kernel.
 
@@ -70,6 +66,6 @@ def focus_crop_triton(images, corners, out, norm=None):
         images, corners, out, h, w,
         *images.stride(), *out.stride(), norm if norm is not None else out,
         IS_UINT8=images.dtype == torch.uint8, NORMALISE=norm is not None,
-        COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
+        COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out

@@ -15,7 +15,7 @@ one-sided at integer positions as grid_sample's).
 """
 import torch
 
-from gfnet.kernels._cast import cast_out, div_ieee
+from gfnet.kernels._cast import TL_DTYPES, cast_out, div_ieee
 from gfnet.kernels._triton import tl, triton
 
 
@@ -134,10 +134,6 @@ def _focus_crop_bilinear_bwd_kernel(
         tl.atomic_add(grad_c_ptr + 2 * n + 1, tl.sum(g * dx, axis=0) * (W - 1))
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-              torch.float64: tl.float64}
-
-
 def _block(p):
     return min(512, triton.next_power_of_2(p * p))
 
@@ -159,7 +155,7 @@ def focus_crop_bilinear_triton(images, centers, params, out, normalise):
     _focus_crop_bilinear_fwd_kernel[(n * 3, triton.cdiv(p * p, block))](
         images, centers, params, out, h, w, *images.stride(), *out.stride(),
         IS_UINT8=images.dtype == torch.uint8, NORMALISE=normalise, COMPUTE_F64=centers.dtype == torch.float64,
-        OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
+        OUT_DTYPE=TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out
 

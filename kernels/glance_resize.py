@@ -11,7 +11,7 @@ normalisations per channel.
 """
 import torch
 
-from gfnet.kernels._cast import cast_out, normalise
+from gfnet.kernels._cast import TL_DTYPES, cast_out, normalise
 from gfnet.kernels._triton import tl, triton
 
 
@@ -101,10 +101,6 @@ def _glance_resize_kernel(
         tl.store(dst + c64 * soc, cast_out(acc, OUT_DTYPE), mask=mask)
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-              torch.float64: tl.float64}
-
-
 def glance_resize_triton(images, out, mode="bicubic", norm=None):
     """Launch the glance-resize kernel.
 
@@ -123,6 +119,6 @@ def glance_resize_triton(images, out, mode="bicubic", norm=None):
         images, out, norm if norm is not None else out, h, w,
         *images.stride(), *out.stride(),
         BICUBIC=mode == "bicubic", IS_UINT8=images.dtype == torch.uint8, NORMALISE=norm is not None,
-        COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=_TL_DTYPES[out.dtype], P=p, BLOCK=block,
+        COMPUTE_F64=images.dtype == torch.float64, OUT_DTYPE=TL_DTYPES[out.dtype], P=p, BLOCK=block,
     )
     return out

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 
-def compute_dtype(images: torch.Tensor) -> torch.dtype:
-    """float64 for float64 images, else float32 (what every kernel computes in)."""
-    return torch.float64 if images.dtype == torch.float64 else torch.float32
+def compute_dtype(images) -> torch.dtype:
+    """float64 for float64 images, else float32 (what every kernel computes in); ``images``: a Tensor or its
+    dtype."""
+    dtype = images if isinstance(images, torch.dtype) else images.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def normalise_ref(x: torch.Tensor, source_dtype: torch.dtype, mean, std) -> torch.Tensor:

@@ -10,6 +10,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from gfnet.kernels.reference import compute_dtype  # noqa: F401 (the ops' one definition, shared with the kernels)
+
 FLOAT_OUT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 IN_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -95,9 +97,6 @@ def check_patch(patch_size, h: int, w: int) -> int:
         raise ValueError(f"patch_size {patch_size} is larger than the {h}x{w} image")
     return patch_size
 
-
-def compute_dtype(images: torch.Tensor) -> torch.dtype:
-    return torch.float64 if images.dtype == torch.float64 else torch.float32
 
 
 def empty_out(x: torch.Tensor, size: int, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _backward(ctx, grad_out):
     (actions,) = ctx.saved_tensors
     patch_size, std = ctx.args
     _, dtype, _, (h, w) = ctx.meta
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = C.compute_dtype(dtype)
     n, p = grad_out.shape[0], patch_size
     corner = focus_corners(actions, h, p).long()
     corner = torch.stack([corner[:, 0].clamp(0, h - p), corner[:, 1].clamp(0, w - p)], 1)

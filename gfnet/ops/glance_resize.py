@@ -61,7 +61,7 @@ def _backward(ctx, grad_out):
         return (None,) * 7
     size, mode, std = ctx.args
     _, dtype, _, (h, w) = ctx.meta
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = C.compute_dtype(dtype)
     g = C.unnormalise_grad(grad_out, std, compute)
 
     def weights(n):  # Tensor[size, n]

@@ -33,6 +33,7 @@ import torch
 
 from gfnet.budget import check_thresholds, exit_steps
 from gfnet.data import IMAGENET_MEAN, IMAGENET_STD
+from gfnet.ops import focus_corners
 from gfnet.viz.style import STEP_COLORS, PathLike
 
 __all__ = ["patch_boxes", "exit_steps", "denormalize", "PatchGrid", "plot_patches"]
@@ -55,8 +56,8 @@ def patch_boxes(actions: torch.Tensor, image_size: int, patch_size: int) -> torc
         raise ValueError(f"actions must end in a (row, column) pair, got shape {tuple(actions.shape)}")
     if not 0 < patch_size <= image_size:
         raise ValueError(f"patch_size must be in 1..image_size ({image_size}), got {patch_size}")
-    corner = torch.floor(actions.detach().float().cpu() * (image_size - patch_size)).long()
-    corner = corner.clamp(0, image_size - patch_size)
+    corner = focus_corners(actions.detach().float().cpu(), image_size, patch_size).long()
+    corner = corner.clamp(0, image_size - patch_size)  # as the crop kernels clamp an out-of-range action
     return torch.cat([corner, corner + patch_size], dim=-1)
 
 
