@@ -106,7 +106,7 @@ def test_val_labels_come_from_the_training_class_list(tree, tmp_path, capsys):
     names = classes_of(data)
     shutil.rmtree(data / "val" / names[0])
     net = biased_net()  # always class 2 (names[2]): right for half of the remaining val images
-    net.meta["classes"] = names
+    net.meta.classes = names
     ckpt = tmp_path / "net.pth.tar"
     save_checkpoint(net, str(ckpt))
     result = evaluate_checkpoint(str(ckpt), 2, data=str(data), batch_size=4, backend="torchvision", num_threads=0,
