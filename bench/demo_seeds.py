@@ -23,6 +23,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from gfnet.atomic import atomic_write_text
+
 #: name -> (threads, DemoConfig overrides, ops backend or None): the perturbations of the float rounding.
 VARIANTS = {
     "default": (1, {}, None),
@@ -64,14 +66,6 @@ def cpu_name() -> str:
     shown = [f for f in wanted if f in flags]
     return f"{model} ({os.cpu_count()} cores; {', '.join(shown) or 'no AVX2'}"\
            f"{'; no AVX-512' if 'avx512f' not in flags else ''})"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _summary(run: dict) -> dict:
@@ -159,8 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = cpu_name()
     payload = {"format": "gfnet-demo-seeds/1", "machine": machine, "torch": torch.__version__,
                "python": platform.python_version(), "git": revision, "note": args.note, "runs": done}
-    _write_atomic(args.out + ".json", json.dumps(payload, indent=1) + "\n")
-    _write_atomic(args.out + ".md", markdown(done, machine, args.note, revision))
+    atomic_write_text(args.out + ".json", json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(args.out + ".md", markdown(done, machine, args.note, revision))
     print(f"{args.out}.md, {args.out}.json")
     return 0 if len(done) == len(plan) else 1
 

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from typing import Any, Optional, Sequence
 
-from gfnet.checkpoint import replaceable_target
+from gfnet.atomic import atomic_write_text
 from gfnet.viz.bench_rows import FORMAT, Results, Row, read_results
 
 __all__ = ["FORMAT", "Row", "Results", "environment", "git_describe", "check_writable", "result_paths",
@@ -90,23 +90,6 @@ def result_paths(out_dir: str, suite: str, device_type: str) -> dict:
     return {"json": stem + ".json", "md": stem + ".md", "png": stem + ".png"}
 
 
-def _atomic_write(path: str, text: str) -> None:
-    # A reader (or a killed run) never sees half a file: write a temporary file beside it, then rename
-    # (never over a named pipe or a device file that happens to have the name).
-    replaceable_target(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _fmt_seconds(t: float) -> str:
     if t >= 1.0:
         return f"{t:.3f} s"
@@ -164,6 +147,7 @@ def write_results(out_dir: str, suite: str, env: dict, rows: Sequence[Row], extr
     os.makedirs(out_dir, exist_ok=True)
     paths = result_paths(out_dir, suite, env["device_type"])
     doc = {"format": FORMAT, "suite": suite, "env": env, "rows": [r.to_dict() for r in rows]}
-    _atomic_write(paths["json"], json.dumps(doc, indent=1) + "\n")
-    _atomic_write(paths["md"], _markdown(suite, env, rows, extra_columns, notes))
+    # a reader (or a killed run) never sees half a file (gfnet.atomic)
+    atomic_write_text(paths["json"], json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(paths["md"], _markdown(suite, env, rows, extra_columns, notes))
     return {"json": paths["json"], "md": paths["md"]}

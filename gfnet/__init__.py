@@ -3,7 +3,7 @@
 The package root is lazy: ``import gfnet`` (and so ``import gfnet.kernels`` or ``gfnet.ops``) loads nothing
 until a name is used. Layers, each importing only the ones below it: cli -> applications (demo, evaluation,
 train, viz) -> engine -> models -> ops -> kernels / gfnet._C (and the leaf modules config, precision, device,
-_extension, which import no other part of gfnet but config).
+_extension, atomic, which import no other part of gfnet but config).
 """
 import importlib
 
@@ -18,7 +18,7 @@ _EXPORTS = {
     "budgeted_predict": "gfnet.engine", "BudgetedPrediction": "gfnet.engine",
 }
 
-_SUBMODULES = {"budget", "checkpoint", "config", "data", "demo", "device", "engine", "evaluation", "flops",
+_SUBMODULES = {"atomic", "budget", "checkpoint", "config", "data", "demo", "device", "engine", "evaluation", "flops",
                "kernels", "models", "ops", "precision", "train", "viz"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

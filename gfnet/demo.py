@@ -285,13 +285,9 @@ def anytime_accuracy(net, images: torch.Tensor, labels: torch.Tensor, policy: st
 
 def _write_json(path: str, obj: dict) -> None:
     # Atomic: a reader (gfnet-viz report) never sees half a file; never over a pipe or a device file.
-    from gfnet.checkpoint import replaceable_target
+    from gfnet.atomic import atomic_write
 
-    replaceable_target(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), text=True)
 
 
 #: Test canvases saved for the report's patch picture.
@@ -499,7 +495,7 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     net = gfnet.build_model(c.arch, patch_size=c.patch_size, T=c.T, num_classes=10)
     # the canvases are the images: S = canvas, no resize, no crop (the trainer logs and records this geometry)
     net.config = net.config.replace(image_size=c.canvas, crop_pct=1.0)
-    net.meta["classes"] = [str(d) for d in range(10)]  # the class folders of `gfnet-data demo-canvases`
+    net.meta.classes = [str(d) for d in range(10)]  # the class folders of `gfnet-data demo-canvases`
     if c.channels_last:
         net.to_channels_last()
     t_pre = time.perf_counter()
@@ -532,9 +528,9 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     fit_x, fit_y = fit_x[:2000], fit_y[:2000]
     _, train_probs, _ = anytime_accuracy(net, fit_x, fit_y, "learned", amp=amp)
     thresholds, budget_acc, budget_flops = budget.budget_curve(train_probs, fit_y, test_probs, test_y,
-                                                               net.meta["flops"])
-    net.meta.update({"anytime_classification": learned, "dynamic_threshold": thresholds,
-                     "budgeted_batch_classification": [budget_flops, budget_acc]})
+                                                               net.meta.flops)
+    net.meta.anytime_classification, net.meta.dynamic_threshold = learned, thresholds
+    net.meta.budgeted_batch_classification = [budget_flops, budget_acc]
     ckpt = os.path.join(out_dir, CHECKPOINT_FILE)
     gfnet.save_checkpoint(net, ckpt)
     torch.save({"images": test_x[:REPORT_IMAGES].contiguous(), "labels": test_y[:REPORT_IMAGES],
@@ -547,7 +543,7 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         baseline = {"macs": base_macs, "acc": base_acc, "epochs": c.baseline_epochs,
                     "what": f"{c.arch} alone on the whole {c.canvas}x{c.canvas} canvas"}
         log.info("full-resolution %s: %.1f%% held-out accuracy, %.1f MMACs per image (GFNet all steps: %.1f), "
-                 "%.0f s", c.arch, base_acc, base_macs / 1e6, net.meta["flops"][-1] / 1e6,
+                 "%.0f s", c.arch, base_acc, base_macs / 1e6, net.meta.flops[-1] / 1e6,
                  time.perf_counter() - t_base)
     claims = method_claims(learned, rand_acc, c.min_gain)
     results = {
@@ -564,7 +560,7 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         # report read this file as they read a checkpoint
         "anytime_classification": learned,
         "budgeted_batch_classification": [budget_flops, budget_acc],
-        "flops": net.meta["flops"],
+        "flops": net.meta.flops,
         "baseline": baseline,
         "pretraining_train_accuracy": pre_acc,
         "history": {f"stage{k}": v for k, v in histories.items()},

@@ -101,9 +101,9 @@ class BudgetedPrediction:
 
 
 def step_flops(net) -> list:
-    """Cumulative Multiply-Adds per step count (length T): ``net.meta['flops']`` when a checkpoint
+    """Cumulative Multiply-Adds per step count (length T): ``net.meta.flops`` when a checkpoint
     stored them, else counted by :func:`gfnet.flops.compute_flops`."""
-    flops = getattr(net, "meta", {}).get("flops")
+    flops = getattr(getattr(net, "meta", None), "flops", None)
     if flops is None:
         from gfnet.flops import compute_flops
 

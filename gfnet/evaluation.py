@@ -366,7 +366,7 @@ def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = 
 
     net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
     _check_finite_weights(net, checkpoint)
-    stored = net.meta.get("dynamic_threshold")
+    stored = net.meta.dynamic_threshold
     if eval_mode == 1:
         if stored is None:
             raise ValueError(f"{checkpoint} stores no dynamic_threshold: run eval mode 2 to fit thresholds first")
@@ -524,7 +524,7 @@ def _label_classes(net, data: str, checkpoint: str) -> list:
     classifier's."""
     from gfnet.data import list_classes
 
-    stored = net.meta.get("classes")
+    stored = net.meta.classes
     if stored is not None:
         return list(stored)
     split = "train" if os.path.isdir(os.path.join(data, "train")) else "val"

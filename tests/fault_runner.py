@@ -40,10 +40,9 @@ def learnable_task(seed: int = 0):
 
 
 def install_kill(kill: dict) -> None:
-    import gfnet.checkpoint as checkpoint
-    import gfnet.train.trainer as trainer
+    import gfnet.train.run_state as run_state
 
-    real_save, real_replace = trainer.atomic_save, os.replace
+    real_save, real_replace = run_state.atomic_save, os.replace
     armed = []
 
     def die():
@@ -63,8 +62,8 @@ def install_kill(kill: dict) -> None:
         if hit and kill["phase"] == "after":
             die()
 
-    trainer.atomic_save = save
-    checkpoint.os.replace = replace
+    run_state.atomic_save = save
+    os.replace = replace
 
 
 def install_pause(pause: dict) -> None:

@@ -94,7 +94,7 @@ def test_load_without_module_prefix_and_meta(tmp_path):
     torch.save(ckpt, tmp_path / "b.pth.tar")
     net2 = gfnet.load_checkpoint(tmp_path / "b.pth.tar")
     assert net2.T == 3 and net2.num_classes == 10 and not net2.training
-    assert net2.meta["anytime_classification"] == [10.0, 20.0, 30.0] and net2.meta["epoch"] == 4
+    assert net2.meta.anytime_classification == [10.0, 20.0, 30.0] and net2.meta.epoch == 4
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(net2.anytime_predict(x).probs, net.anytime_predict(x).probs, rtol=0, atol=0)
 
@@ -167,7 +167,7 @@ def test_reference_train_layout_round_trip(tmp_path, images, arch, P, T):
     x = images[224]
     torch.testing.assert_close(again.anytime_predict(x).probs, net.anytime_predict(x).probs, rtol=0, atol=0)
     # a net without a trained policy (loaded from a stage-1 file) is written with policy None
-    again.meta["trained_policy"] = False
+    again.meta.trained_policy = False
     gfnet.save_checkpoint(again, path, layout="reference-train")
     assert torch.load(path, weights_only=True)["policy"] is None
     gfnet.save_checkpoint(again, tmp_path / "release.pth.tar")

@@ -78,7 +78,7 @@ def test_demo_numbers_and_claims_match_a_recomputation(quick_demo):
     acc = (probs.argmax(-1) == test_y).double().mean(1).mul(100).tolist()
     one_image = 100.0 / c.test_images + 1e-9  # a tie broken otherwise flips at most one image
     assert results["anytime_accuracy_learned_policy"] == pytest.approx(acc, abs=one_image)
-    assert net.meta["anytime_classification"] == results["anytime_accuracy_learned_policy"]
+    assert net.meta.anytime_classification == results["anytime_accuracy_learned_policy"]
     # The claims, recomputed from the stored accuracies by hand, and the verdict and exit status that follow.
     learned, rand = results["anytime_accuracy_learned_policy"], results["anytime_accuracy_random_patches"]
     claims = results["claims"]
@@ -95,11 +95,11 @@ def test_demo_numbers_and_claims_match_a_recomputation(quick_demo):
     assert results["glance_accuracy"] == learned[0]
     assert results["anytime_classification"] == learned  # the reference's field names, for gfnet-viz budget
     # The budgeted curve: the stored thresholds applied to the recomputed probabilities give the stored points.
-    flops_list, acc_list = net.meta["budgeted_batch_classification"]
-    thresholds = torch.as_tensor(net.meta["dynamic_threshold"])
+    flops_list, acc_list = net.meta.budgeted_batch_classification
+    thresholds = torch.as_tensor(net.meta.dynamic_threshold)
     assert thresholds.shape == (39, c.T) and len(acc_list) == len(flops_list) == 39
     for row in (0, 19, 38):
-        a, cost = budget.evaluate(probs, test_y, net.meta["flops"], thresholds[row])
+        a, cost = budget.evaluate(probs, test_y, net.meta.flops, thresholds[row])
         assert a == pytest.approx(acc_list[row], abs=one_image)
         assert cost == pytest.approx(flops_list[row], rel=0.05)
     # the cumulative Multiply-Adds per step are those of the network in the checkpoint

@@ -106,7 +106,7 @@ def test_val_labels_come_from_the_training_class_list(tree, tmp_path, capsys):
     names = classes_of(data)
     shutil.rmtree(data / "val" / names[0])
     net = biased_net()  # always class 2 (names[2]): right for half of the remaining val images
-    net.meta["classes"] = names
+    net.meta.classes = names
     ckpt = tmp_path / "net.pth.tar"
     save_checkpoint(net, str(ckpt))
     result = evaluate_checkpoint(str(ckpt), 2, data=str(data), batch_size=4, backend="torchvision", num_threads=0,
@@ -414,8 +414,8 @@ def test_full_disk_is_found_before_the_work_and_named(tree, tmp_path, capsys):
 # ---------------------------------------------------------------- 9. the remaining tracebacks
 SLOW_SAVE = """
 import os, sys, time
-import gfnet.checkpoint as checkpoint
-real_write = checkpoint._ErrorKeepingWriter.write
+import gfnet.atomic as atomic
+real_write = atomic._ErrorKeepingWriter.write
 def slow_write(self, data):  # a slow disk: a save takes seconds (about a thousand writes of 2 ms)
     if not getattr(self, "announced", False):
         self.announced = True
@@ -423,7 +423,7 @@ def slow_write(self, data):  # a slow disk: a save takes seconds (about a thousa
     written = real_write(self, data)
     time.sleep(0.002)  # the interrupt lands after the bytes went out, before torch's writer hears back
     return written
-checkpoint._ErrorKeepingWriter.write = slow_write
+atomic._ErrorKeepingWriter.write = slow_write
 from gfnet.cli.train import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,7 +1,8 @@
 """The import graph of gfnet runs downward only, with no circles (issue 13):
 
     cli -> bench -> applications (demo, evaluation, train, viz) -> engine, checkpoint -> models
-    -> ops, data, budget, flops -> kernels, gfnet._C and the leaf modules (config, precision, device, _extension)
+    -> ops, data, budget, flops -> kernels, gfnet._C and the leaf modules (config, precision, device, _extension,
+    atomic)
 
 Checked on the source: every import statement of every module (lazy ones inside functions included), with
 ``from gfnet import name`` resolved through the package root's table of lazy exports.
@@ -18,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = {"gfnet": "gfnet", "gfnet.kernels": "kernels", "gfnet.bench": "bench"}
 
 LAYERS = {
-    0: {"gfnet", "gfnet._C", "gfnet.kernels", "gfnet._extension", "gfnet.config", "gfnet.precision", "gfnet.device"},
+    0: {"gfnet", "gfnet._C", "gfnet.kernels", "gfnet._extension", "gfnet.config", "gfnet.precision", "gfnet.device",
+        "gfnet.atomic"},
     1: {"gfnet.ops", "gfnet.data", "gfnet.budget", "gfnet.flops"},
     2: {"gfnet.models"},
     3: {"gfnet.engine", "gfnet.checkpoint"},

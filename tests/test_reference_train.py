@@ -199,8 +199,8 @@ def test_reference_stage1_file_loads_with_caller_values(tmp_path, prefix):
     net = gfnet.load_checkpoint(path, arch="test_efficientnet", patch_size=P, T=T)
     assert (net.arch, net.patch_size, net.T, net.num_classes) == ("test_efficientnet", P, T, CLASSES)
     assert_same_weights(ref, net)
-    assert net.meta["trained_policy"] is False and net.meta["epoch"] == 2
-    assert "optimizer" not in net.meta  # optimiser states stay in the file, not on the model
+    assert net.meta.trained_policy is False and net.meta.epoch == 2
+    assert "optimizer" not in net.meta.as_dict()  # optimiser states stay in the file, not on the model
     ckpt = read_checkpoint(path, arch="test_efficientnet", patch_size=P, T=T)
     assert (ckpt.origin, ckpt.stage, ckpt.prefixed) == ("reference-train", 1, prefix == "module.")
 

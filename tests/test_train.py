@@ -292,7 +292,7 @@ def test_cli_train_stage1_then_2_on_sample_tree(tmp_path):
     ckpt = tmp_path / "s1" / "checkpoint.pth.tar"
     assert main(common + ["--stage", "2", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s2")]) == 0
     net = gfnet.load_checkpoint(str(tmp_path / "s2" / "checkpoint.pth.tar"))
-    assert net.T == 2 and net.meta["anytime_classification"] is not None
+    assert net.T == 2 and net.meta.anytime_classification is not None
     assert main(common + ["--stage", "2", "--out", str(tmp_path / "s3")]) == 2  # no checkpoint: a clear error
 
 

@@ -43,10 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=positive_int, default=None,
                    help="S (default: the checkpoint's image_size if stored, else the backbone's)")
     s.add_argument("--crop-pct", type=float, default=None,
-                   help="resize the shorter side to S/crop_pct, then centre-crop S (default: the backbone's;"
-                        " 1 keeps the whole square image)")
+                   help="resize the shorter side to S/crop_pct, then centre-crop S (default: the checkpoint's "
+                        "crop_pct if stored, else the backbone's; 1 keeps the whole square image)")
     s.add_argument("--labels", type=int, nargs="+", default=None, help="true class per image, in file order")
-    s.add_argument("--class-names", default=None, help="a text file with one class name per line")
+    s.add_argument("--class-names", default=None, help="a text file with one class name per line (default: the "
+                   "class folder names the checkpoint stores, if any)")
     s.add_argument("--ncols", type=positive_int, default=4)
     s.add_argument("--scale", type=positive_int, default=None,
                    help="PNG pixels per image pixel (default 256 // S, >= 1)")
@@ -78,17 +79,18 @@ def _patches(args) -> int:
 
     device = parse_device(args.device)
     net = load_checkpoint(args.checkpoint, arch=args.arch, patch_size=args.patch_size, T=args.T).to(device)
-    S = args.image_size or int(net.meta.get("image_size") or net.config.image_size)
-    crop_pct = args.crop_pct if args.crop_pct is not None else float(net.meta.get("crop_pct")
-                                                                     or net.config.crop_pct)
+    # the evaluation geometry the checkpoint stores (image_size, crop_pct) is in net.config (the backbone's else)
+    S = args.image_size or int(net.config.image_size)
+    crop_pct = args.crop_pct if args.crop_pct is not None else float(net.config.crop_pct)
     images, files = viz.load_images(args.images, S, crop_pct, interpolation=net.config.dataset_interpolation)
-    thresholds = viz.read_thresholds(args.thresholds, net.meta) if args.thresholds is not None else None
+    thresholds = (viz.read_thresholds(args.thresholds, net.meta.as_dict()) if args.thresholds is not None
+                  else None)
     class_names = None
     if args.class_names:
         with open(args.class_names) as f:
             class_names = [line.strip() for line in f if line.strip()]
-    elif net.meta.get("class_names") or net.meta.get("classes"):  # display names, else the class folders
-        class_names = list(net.meta.get("class_names") or net.meta["classes"])
+    elif net.meta.classes:  # the class folder names the checkpoint stores
+        class_names = list(net.meta.classes)
     if args.labels is not None and len(args.labels) != len(files):
         raise ValueError(f"{len(args.labels)} labels for {len(files)} images")
     titles = [os.path.basename(f) for f in files]

@@ -23,10 +23,10 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from gfnet.atomic import atomic_write
 from gfnet.data.validate import check_image_file
 
 log = logging.getLogger(__name__)
@@ -262,18 +262,8 @@ def _bad_cache(cpath: str, why: str) -> dict:
 
 def _write_cache(cpath: str, split_dir: str, classes: dict) -> None:
     data = {"version": _CACHE_VERSION, "split_dir": os.path.realpath(split_dir), "classes": classes}
-    tmp = f"{cpath}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(cpath), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, cpath)  # atomic: concurrent ranks, or a kill, never leave a half-written index
-    except OSError as exc:
+    try:  # atomic: concurrent ranks, or a kill, never leave a half-written index
+        atomic_write(cpath, lambda fh: json.dump(data, fh, separators=(",", ":")), text=True)
+    except (OSError, ValueError) as exc:
         log.info("could not write the data index cache %s (%s); the split is indexed again next run",
                  cpath, exc)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from gfnet.atomic import atomic_write
+
 #: Kinds of sample files: valid images (decoded as RGB), and broken files that loaders must skip.
 VALID_KINDS = ("photo", "digit", "grayscale", "cmyk", "png_as_jpeg")
 INVALID_KINDS = ("empty", "truncated", "not_an_image")
@@ -110,10 +112,8 @@ def _write_manifest(root: str, tree: SampleTree) -> None:
     files = sorted(os.path.normpath(f.relpath) for split in tree.files.values() for f in split)
     dirs = {os.path.dirname(f) for f in files} | {os.path.join(split, c) for split in tree.files for c in tree.classes}
     dirs |= {os.path.dirname(d) for d in dirs}
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"files": files, "dirs": sorted(d for d in dirs if d)}, fh, indent=0)
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    manifest = {"files": files, "dirs": sorted(d for d in dirs if d)}
+    atomic_write(os.path.join(root, MANIFEST), lambda fh: json.dump(manifest, fh, indent=0), text=True)
 
 
 def _class_names(num_classes: int) -> list[str]:

@@ -2,7 +2,8 @@
 from gfnet.models.classifier import Classifier
 from gfnet.models.encoder import Encoder, build_backbone
 from gfnet.models.gfnet import AnytimePrediction, GFNet, GFNetState, StepOutput, build_model
+from gfnet.models.meta import ModelMeta
 from gfnet.models.policy import ACTION_STD, Policy
 
-__all__ = ["AnytimePrediction", "Classifier", "Encoder", "GFNet", "GFNetState", "Policy", "StepOutput",
+__all__ = ["AnytimePrediction", "Classifier", "Encoder", "GFNet", "GFNetState", "ModelMeta", "Policy", "StepOutput",
            "build_backbone", "build_model", "ACTION_STD"]

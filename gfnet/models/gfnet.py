@@ -12,6 +12,7 @@ from gfnet import ops
 from gfnet.config import BackboneConfig, get_config
 from gfnet.models.classifier import Classifier
 from gfnet.models.encoder import Encoder
+from gfnet.models.meta import ModelMeta
 from gfnet.models.policy import Policy
 from gfnet.precision import autocast
 
@@ -106,7 +107,7 @@ class GFNet(nn.Module):
                              hidden_dim=config.fc_hidden_dim)
         self.policy = Policy(config.feature_map_channels, config.state_dim(patch_size),
                              config.policy_hidden_dim, conv=config.policy_conv)
-        self.meta: dict = {"model_name": config.name, "patch_size": self.patch_size}
+        self.meta = ModelMeta()  # evaluation results, classes, provenance (gfnet.models.meta)
         self.compiled: Optional[dict] = None  # the torch.compile settings of :meth:`compile`, once called
 
     @property

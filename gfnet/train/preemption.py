@@ -36,7 +36,6 @@ import dataclasses
 import inspect
 import itertools
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from gfnet.checkpoint import atomic_save
 from gfnet.train.distributed import DistributedContext
 from gfnet.train.run_folder import MID_EPOCH_NAME
 
@@ -266,16 +264,9 @@ class MidEpoch:
 
 def save_mid_epoch(trainer, progress: MidEpoch) -> Optional[str]:
     """Write ``trainer``'s state with ``progress`` atomically to ``out_dir/mid_epoch.pth.tar`` (main process;
-    collective under DDP). Returns the path (None without an output folder: nothing is written)."""
-    if trainer.out_dir is None:
-        return None
-    obj = trainer.checkpoint()
-    obj["train_state"]["mid_epoch"] = progress.to_state(trainer.ctx)
-    path = os.path.join(trainer.out_dir, MID_EPOCH_NAME)
-    if trainer.ctx.is_main:
-        atomic_save(obj, path)
-    trainer.ctx.barrier()
-    return path
+    collective under DDP): :meth:`gfnet.train.run_state.RunState.save_mid_epoch`. Returns the path (None
+    without an output folder: nothing is written)."""
+    return trainer.run.save_mid_epoch(progress)
 
 
 def _takes_start(set_epoch) -> bool:

@@ -24,6 +24,9 @@ middle of an epoch, ``mid_epoch.pth.tar`` (:mod:`gfnet.train.preemption`). The r
   can be newer: the trainer writes it first; see :meth:`gfnet.train.Trainer.save`; a mid-epoch state of
   the same run is newer than the epoch-boundary files of the epochs it follows), else starts fresh.
 - :meth:`RunFolder.reconcile_best` keeps ``model_best.pth.tar`` the best epoch's after a resume.
+- Each file is read once: :meth:`RunFolder.record` keeps the :class:`~gfnet.checkpoint.CheckpointFile` of every
+  file it read (memory-mapped: a weight is read only when loaded) until the file changes on disk, so the
+  session's checks, the resume decision under the lock and the resume itself share one read per file.
 """
 from __future__ import annotations
 
@@ -34,10 +37,10 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
 from typing import Optional
 
-from gfnet.checkpoint import CheckpointError, atomic_save, remove_stale_temps, torch_load
+from gfnet.atomic import atomic_copy, remove_stale_temps
+from gfnet.checkpoint import CheckpointError, CheckpointFile, RunInfo, read_record, read_run_info
 
 __all__ = ["RunFolder", "RunFolderBusy", "RunInfo", "read_run_info", "LOCK_NAME", "MID_EPOCH_NAME", "REPLACED_SUFFIX"]
 
@@ -116,65 +119,6 @@ def _processes_holding(path: str) -> list:
     return sorted(int(p) for p in pids if _open_by(p, st))
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """What a training checkpoint says about its run (read without loading weights into a model).
-
-    Attributes: path; run_id (None in files of earlier gfnet builds); stage; epoch (finished epochs);
-    epochs (the run's planned total); acc (of its last finished epoch); best_acc; best_epoch (the epoch
-    whose weights ``model_best.pth.tar`` should hold; 0: none yet); step (a mid-epoch state: the steps of
-    epoch ``epoch + 1`` it has trained; None: the state at the end of epoch ``epoch``).
-    """
-
-    path: str
-    run_id: Optional[str]
-    stage: int
-    epoch: int
-    epochs: Optional[int]
-    acc: Optional[float]
-    best_acc: float
-    best_epoch: int
-    step: Optional[int] = None
-
-
-def best_epoch_of(obj: dict) -> int:
-    """The best epoch of a training checkpoint: stored by this gfnet, else derived from its history
-    (the first epoch whose accuracy equals ``best_acc``)."""
-    state = obj.get("train_state") or {}
-    if state.get("best_epoch") is not None:
-        return int(state["best_epoch"])
-    best = obj.get("best_acc")
-    for record in state.get("history") or []:
-        if best is not None and record.get("acc") == best and best > 0:
-            return int(record["epoch"])
-    return 0
-
-
-def read_run_info(path: str, obj: Optional[dict] = None) -> RunInfo:
-    """The :class:`RunInfo` of training checkpoint ``path`` (or of its already loaded dict ``obj``).
-
-    Raises:
-        CheckpointError: the file is unreadable, not a checkpoint, or holds no training state.
-    """
-    obj = torch_load(path, mmap=True) if obj is None else obj
-    if not isinstance(obj, dict) or "model_state_dict" not in obj:
-        raise CheckpointError(f"{path} is not a gfnet or reference GFNet checkpoint (no 'model_state_dict' field)")
-    state = obj.get("train_state")
-    if not isinstance(state, dict):
-        if "optimizer" in obj and "epoch" in obj:  # the reference train.py's own file: no run identity
-            return RunInfo(path=path, run_id=None, stage=0, epoch=int(obj.get("epoch") or 0), epochs=None,
-                           acc=obj.get("acc"), best_acc=float(obj.get("best_acc") or 0.0), best_epoch=0)
-        raise CheckpointError(f"{path} holds no training state: it is not a checkpoint written during training "
-                              "(by gfnet-train or the reference's train.py); to start a stage from its weights, "
-                              "use --checkpoint")
-    options = state.get("options") or {}
-    mid = state.get("mid_epoch")
-    return RunInfo(path=path, run_id=state.get("run_id"), stage=int(state.get("stage", 0)),
-                   epoch=int(obj.get("epoch") or 0), epochs=options.get("epochs"), acc=obj.get("acc"),
-                   best_acc=float(obj.get("best_acc") or 0.0), best_epoch=best_epoch_of(obj),
-                   step=int(mid["step"]) if isinstance(mid, dict) else None)
-
-
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -197,9 +141,44 @@ class RunFolder:
         self.best_path = os.path.join(self.path, best_name)
         self.mid_epoch_path = os.path.join(self.path, MID_EPOCH_NAME)
         self._lock_fd: Optional[int] = None
+        self._records: dict = {}  # path -> ((device, inode, size, mtime), CheckpointFile)
 
     #: Seconds to wait for a lock whose recorded holder is dead (held by processes it left behind) to be let go.
     orphan_wait_s = 15.0
+
+    # ------------------------------------------------------------------ reading the run's files
+    def record(self, path: str) -> CheckpointFile:
+        """The :class:`~gfnet.checkpoint.CheckpointFile` of ``path``, read once (memory-mapped) and kept until
+        the file on disk changes (an atomic save gives it a new inode) or :meth:`forget` is called.
+
+        Raises:
+            FileNotFoundError: no such file. CheckpointError: not a GFNet checkpoint.
+        """
+        path = os.fspath(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no checkpoint at {path}") from None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        kept = self._records.get(path)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        record = read_record(path, mmap=True)
+        self._records[path] = (key, record)
+        return record
+
+    def info(self, path: str) -> RunInfo:
+        """What training checkpoint ``path`` says about its run (from :meth:`record`).
+
+        Raises:
+            FileNotFoundError: no such file.
+            CheckpointError: the file is unreadable, not a checkpoint, or holds no training state.
+        """
+        return self.record(path).run_info()
+
+    def forget(self) -> None:
+        """Drop the records read so far (and the files they map)."""
+        self._records.clear()
 
     # ------------------------------------------------------------------ the lock
     def acquire(self) -> None:
@@ -292,11 +271,11 @@ class RunFolder:
             raise ValueError(self._occupied(existing))
         if resume == "auto":
             for p in existing:
-                read_run_info(p)
+                self.info(p)
         elif resume is not None:
             if not os.path.isfile(resume):
                 raise FileNotFoundError(errno.ENOENT, "no checkpoint to resume from", resume)
-            read_run_info(resume)
+            self.info(resume)
 
     def _occupied(self, existing: list) -> str:
         return (f"{self.path} already holds a training run ({self._describe(existing)}): pass --resume auto to "
@@ -330,7 +309,7 @@ class RunFolder:
 
     def _describe(self, files: list) -> str:
         try:
-            info = read_run_info(files[0])
+            info = self.info(files[0])
             return (f"stage {info.stage}, epoch {info.epoch}"
                     + (f" of {info.epochs}" if info.epochs else "")
                     + (f" and {info.step} step(s) of the next" if info.step is not None else "")
@@ -357,7 +336,7 @@ class RunFolder:
             infos = []
             for p in existing:
                 try:
-                    infos.append(read_run_info(p))
+                    infos.append(self.info(p))
                 except CheckpointError as e:
                     raise CheckpointError(f"{e}. --resume auto cannot continue from it: move it out of {self.path} "
                                           "(to resume from the other checkpoint file, if any) or pass --overwrite "
@@ -388,8 +367,8 @@ class RunFolder:
             raise FileNotFoundError(errno.ENOENT, "no checkpoint to resume from", resume)
         others = [p for p in existing if not _same_file(p, resume)]
         if others and len(others) == len(existing):  # the file comes from elsewhere
-            mine = read_run_info(resume)
-            theirs = [read_run_info(p).run_id for p in others]
+            mine = self.info(resume)
+            theirs = [self.info(p).run_id for p in others]
             if not overwrite and not (mine.run_id is not None and all(r == mine.run_id for r in theirs)):
                 raise ValueError(f"{self.path} holds another training run ({self._describe(others)}); resuming "
                                  f"{resume} there would replace it: choose another --out, or pass --overwrite")
@@ -483,7 +462,7 @@ class RunFolder:
         have = None
         if os.path.exists(best):
             try:
-                have = read_run_info(best)
+                have = self.info(best)
             except CheckpointError as e:
                 log.warning("%s", e)
         if have is not None and info.run_id is not None and have.run_id not in (None, info.run_id):
@@ -500,7 +479,7 @@ class RunFolder:
             return None
         copy_from = source if info.step is None else self._finished_epoch_file(info)
         if info.best_epoch == info.epoch and copy_from is not None:
-            atomic_save(torch_load(copy_from), best)
+            atomic_copy(copy_from, best)
             log.warning("%s %s; restored the best epoch (%d) from %s", best,
                         "was missing" if have is None else f"held epoch {have.epoch}", info.best_epoch, copy_from)
         else:
@@ -512,7 +491,7 @@ class RunFolder:
     def _finished_epoch_file(self, mid: RunInfo) -> Optional[str]:
         """The checkpoint of the epoch that mid-epoch state ``mid`` follows, if the folder holds it."""
         try:
-            info = read_run_info(self.checkpoint_path)
+            info = self.info(self.checkpoint_path)
         except (OSError, CheckpointError):
             return None
         same_run = None in (info.run_id, mid.run_id) or info.run_id == mid.run_id

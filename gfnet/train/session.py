@@ -57,9 +57,7 @@ def build_training_model(arch: Optional[str], patch_size: Optional[int], T: Opti
     if init_global or init_local:
         raise ValueError("--init-global/--init-local only start stage 1; stages 2 and 3 take --checkpoint")
     net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
-    # Evaluation results of an earlier stage describe other weights.
-    for k in ("anytime_classification", "dynamic_threshold", "budgeted_batch_classification"):
-        net.meta.pop(k, None)
+    net.meta.clear_evaluation()  # evaluation results of an earlier stage describe other weights
     return net
 
 
@@ -80,7 +78,7 @@ def check_out_outside_data(data: str, out: str) -> None:
 
 def adopt_data_classes(net: GFNet, found: list, where: str, source: str) -> None:
     """Check the training split's class folders ``found`` against the classes ``net`` classifies, and record
-    them in ``net.meta["classes"]`` (checkpoints store them; evaluation labels every split by them).
+    them in ``net.meta.classes`` (checkpoints store them; evaluation labels every split by them).
 
     A net whose checkpoint names its classes must see exactly those folders (same names: a removed, renamed or
     added class would shift the labels or point past the classifier). A net that names none (the reference's
@@ -94,7 +92,7 @@ def adopt_data_classes(net: GFNet, found: list, where: str, source: str) -> None
     """
     from gfnet.data import class_list_difference
 
-    stored = net.meta.get("classes")
+    stored = net.meta.classes
     if stored is not None:
         diff = class_list_difference(stored, found)
         if diff:
@@ -107,7 +105,7 @@ def adopt_data_classes(net: GFNet, found: list, where: str, source: str) -> None
         raise ValueError(f"{where} holds {len(found)} class folders, but {source} classifies {net.num_classes} "
                          "classes (its file names none, so they cannot be matched by name): use the data it was "
                          "trained on, or train a new stage-1 model on these classes")
-    net.meta["classes"] = [str(c) for c in found]
+    net.meta.classes = [str(c) for c in found]
 
 
 def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int], T: Optional[int], stage: int,
@@ -143,19 +141,21 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
         options = TrainOptions(**{**options.__dict__, "stage": stage})
     check_out_outside_data(data, out)
     ctx = init_distributed(device)
+    # One folder object from here to the trainer: each of its files is read once (RunFolder.record).
+    folder = RunFolder(out)
     if ctx.is_main:  # refuse a taken folder or an unusable --resume before the model and data are built
-        RunFolder(out).check(resume, overwrite)
+        folder.check(resume, overwrite)
     torch.manual_seed(options.seed)
     # the file the network is built from ("auto": the folder's newest training state; the trainer decides
-    # again under the run folder's lock)
-    resume_file = RunFolder(out).resolve_resume("auto") if resume == "auto" else resume
+    # again under the run folder's lock, from the same records)
+    resume_file = folder.resolve_resume("auto") if resume == "auto" else resume
     train_classes = list_classes(data, "train")  # the labels' names: checked against the model's before any work
     if resume_file:
         from gfnet.checkpoint import load_checkpoint
 
         if checkpoint or init_global or init_local:
             log.info("--resume %s: weights come from it; --checkpoint/--init-* are not read", resume_file)
-        net = load_checkpoint(resume_file, arch=arch, patch_size=patch_size, T=T)
+        net = load_checkpoint(folder.record(resume_file), arch=arch, patch_size=patch_size, T=T)
         source = resume_file
     else:
         num_classes = len(train_classes) if stage == 1 and not checkpoint else None
@@ -170,12 +170,13 @@ def train_imagefolder(data: str, arch: Optional[str], patch_size: Optional[int],
     loader_args = dict(batch_size=per_process, image_size=spec.image_size, crop_pct=spec.crop_pct,
                        interpolation=spec.interpolation, backend=backend,
                        device=ctx.device, num_threads=workers, shard_id=ctx.rank, num_shards=ctx.world_size,
-                       seed=options.seed, output="uint8" if uint8 else "float", classes=net.meta["classes"])
+                       seed=options.seed, output="uint8" if uint8 else "float", classes=net.meta.classes)
     train_loader = make_loader(data, train=True, **loader_args)
     val_loader = None
     if validate and os.path.isdir(os.path.join(data, "val")):
         val_loader = make_loader(data, train=False, **loader_args)
-    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx, overwrite=overwrite, stop_signals=stop_signals)
+    trainer = Trainer(net, resolved, out_dir=out, ctx=ctx, overwrite=overwrite, stop_signals=stop_signals,
+                      folder=folder)
     try:
         return trainer.fit(train_loader, val_loader, resume=resume)
     finally:

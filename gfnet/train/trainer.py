@@ -20,183 +20,43 @@ with a gradient scaler. Under torchrun every process trains on its shard and DDP
 
 Checkpoints come in the release layout (default) or, with ``save_layout="reference-train"``, in the
 layout the reference's train.py continues from (:mod:`gfnet.checkpoint`); :meth:`Trainer.load_training_state`
-resumes from either and from the reference train.py's own files.
+resumes from either and from the reference train.py's own files. The run's state and files (save, resume,
+best file, run folder, mid-epoch state) are :class:`gfnet.train.run_state.RunState`'s; the trainer trains.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-import math
-import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gfnet.checkpoint import (
-    LAYOUTS,
-    CheckpointError,
-    atomic_save,
-    checkpoint_dict,
-    load_weights,
-    read_checkpoint,
-    torch_load,
-)
-from gfnet.config import TRANSFORMS
 from gfnet.flops import compute_flops
 from gfnet.models.gfnet import GFNet
-from gfnet.models.policy import ACTION_STD
 from gfnet.precision import amp_dtype, default_amp
+from gfnet.train.data_checks import check_data_classes, check_loader
 from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
-from gfnet.train.preemption import MidEpoch, Preempted, StopRequest, parse_signal, save_mid_epoch, start_epoch
-from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from gfnet.train.options import AMP_MODES, TrainOptions, cosine_lr
+from gfnet.train.preemption import MidEpoch, Preempted, StopRequest, parse_signal, start_epoch
+from gfnet.train.rng import seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
-from gfnet.train.run_folder import RunFolder, read_run_info
-from gfnet.train.weights import (
-    adam_state_to_reference,
-    fresh_adam_state,
-    load_sgd_state,
-    reset_policy,
-    sgd_parameter_groups,
-    sgd_state_to_reference,
-)
+from gfnet.train.run_folder import RunFolder
+from gfnet.train.run_state import BEST_NAME, CHECKPOINT_NAME, RunState
+from gfnet.train.weights import reset_policy, sgd_parameter_groups
 
 __all__ = ["TrainOptions", "Trainer", "TrainingError", "AMP_MODES", "CHECKPOINT_NAME", "BEST_NAME", "cosine_lr"]
 
 log = logging.getLogger("gfnet.train")
 
-# "auto": on a GPU the mixed precision users expect (bf16 where the card has it, else fp16), fp32 on the CPU
-AMP_MODES = ("auto", "none", "bf16", "fp16")
-#: File names in the output folder (the reference's): the last epoch's and the best epoch's checkpoint.
-CHECKPOINT_NAME = "checkpoint.pth.tar"
-BEST_NAME = "model_best.pth.tar"
-
-#: Options a resumed run must share with the run it continues: they shape the weights or the optimiser's
-#: parameter groups (the architecture, T and patch size are compared on the checkpoint's own fields).
-_FIXED_ON_RESUME = ("stage", "train_global")
-#: Options that only steer the display.
-_UNREPORTED = ("progress", "log_every")
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on: the loss diverged, or the loader yields nothing to train on."""
-
-
-@dataclass
-class TrainOptions:
-    """What to train and how. ``None`` fields take the backbone family's reference value from
-    ``net.config.train`` (:class:`gfnet.config.TrainConfig`).
-
-    Attributes:
-        stage: 1, 2 or 3.
-        epochs: epochs of this stage (reference: the family's ``epochs`` in stages 1 and 3, 15 in stage 2).
-        batch_size: the global batch (all processes together; reference 256); only recorded here, the
-            loader decides the batch it yields.
-        backbone_lr / fc_lr: base learning rates of the encoders and of the classifier (fc_lr defaults to
-            ``fc_stage1_lr`` in stage 1 and ``fc_stage3_lr`` in stage 3).
-        weight_decay, momentum, nesterov: SGD's; dsn_ratio: deep-supervision weight; train_global: train
-            the global encoder in stages 1 and 3.
-        policy_lr, policy_betas, ppo_epochs, ppo_clip, gamma, value_coef, entropy_coef: PPO's (Adam
-            3e-4, one epoch per batch, eps 0.2, discount 0.7, 0.5, 0.01).
-        action_std: exploration standard deviation (0.1). stage3_actions: "sample" (the reference) or
-            "mean". glance_mode: the glance's interpolation in training (the reference: bicubic).
-        continue_policy: stage 2 continues from the net's policy; False (the reference's train.py)
-            starts PPO from a freshly initialised policy (seeded by ``seed``), whatever the checkpoint holds.
-        transforms: the training data's geometry (:meth:`gfnet.config.BackboneConfig.train_transforms`):
-            "reference" (the reference train.py's, 224 px bilinear for every backbone) or "backbone"
-            (the backbone's inference size and filter: EfficientNet-B2 260, B3 300 px, bicubic).
-            :func:`~gfnet.train.session.train_imagefolder` builds its loaders from it; recorded in the
-            checkpoint and the log.
-        save_layout: checkpoint layout, "release" (the reference's inference.py and gfnet-eval read it)
-            or "reference-train" (the reference's train.py continues from it: stages 2/3, --resume).
-        amp: "auto" (default: bf16 autocast on GPUs that have it, fp16 with a GradScaler on older ones,
-            none on the CPU), "none", "bf16" or "fp16".
-        channels_last: encoders in channels-last memory format (default on: faster with oneDNN on CPUs,
-            1.2-1.5x for ResNet-50 and MobileNet-V3 encoders on the 2-core development machine, and with
-            cuDNN on GPUs; the weights, their names and checkpoints are unchanged).
-        compile: compile the encoders with torch.compile (:meth:`GFNet.compile`; the first steps compile).
-        seed: seeds every generator (process k gets seed + k) at the start of a fresh run.
-        progress: show a tqdm bar (main process only). log_every: steps between bar/log updates
-            (each update costs a host synchronisation).
-        find_unused_parameters: DDP's flag; only needed for custom models with parameters that a
-            forward does not reach.
-    """
-
-    stage: int = 1
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    backbone_lr: Optional[float] = None
-    fc_lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    momentum: Optional[float] = None
-    nesterov: Optional[bool] = None
-    dsn_ratio: Optional[float] = None
-    train_global: Optional[bool] = None
-    policy_lr: float = 3e-4
-    policy_betas: tuple = (0.9, 0.999)
-    ppo_epochs: int = 1
-    ppo_clip: float = 0.2
-    gamma: float = 0.7
-    value_coef: float = 0.5
-    entropy_coef: float = 0.01
-    action_std: float = ACTION_STD
-    stage3_actions: str = "sample"
-    glance_mode: Optional[str] = "bicubic"
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
-    progress: bool = True
-    log_every: int = 10
-    find_unused_parameters: bool = False
-    continue_policy: bool = False
-    transforms: str = "reference"
-    save_layout: str = "release"
-
-    def resolved(self, net: GFNet) -> TrainOptions:
-        """A copy with every ``None`` replaced by the backbone family's reference default."""
-        if self.stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.stage3_actions not in ("sample", "mean"):
-            raise ValueError(f"stage3_actions must be 'sample' or 'mean', got {self.stage3_actions!r}")
-        if self.transforms not in TRANSFORMS:
-            raise ValueError(f"transforms must be one of {TRANSFORMS}, got {self.transforms!r}")
-        if self.save_layout not in LAYOUTS:
-            raise ValueError(f"save_layout must be one of {LAYOUTS}, got {self.save_layout!r}")
-        tc = net.config.train
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("backbone_lr", "fc_lr", "weight_decay", "dsn_ratio", "policy_lr", "entropy_coef",
-                     "value_coef"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (self.ppo_epochs >= 1 and self.log_every >= 1):
-            raise ValueError(f"ppo_epochs and log_every must be >= 1, got {self.ppo_epochs}, {self.log_every}")
-        if not (0 < self.action_std and 0 < self.ppo_clip and 0 <= self.gamma <= 1):
-            raise ValueError(f"need action_std > 0, ppo_clip > 0, 0 <= gamma <= 1; got {self.action_std}, "
-                             f"{self.ppo_clip}, {self.gamma}")
-        defaults = dict(
-            epochs=tc.policy_epochs if self.stage == 2 else tc.epochs, batch_size=tc.batch_size,
-            backbone_lr=tc.backbone_lr, fc_lr=tc.fc_stage1_lr if self.stage == 1 else tc.fc_stage3_lr,
-            weight_decay=tc.weight_decay, momentum=tc.momentum, nesterov=tc.nesterov,
-            dsn_ratio=tc.dsn_ratio, train_global=tc.train_model_prime)
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-
-def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
-    """The reference's per-epoch cosine schedule: 0.5 * base * (1 + cos(pi * epoch / epochs))."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
 @dataclass
@@ -213,6 +73,11 @@ class EpochStats:
         return {"loss": self.loss_sum / n, "images": self.images,
                 "train_acc": [100.0 * c / n for c in self.correct],
                 "images_per_s": self.images / max(self.seconds, 1e-9), "seconds": self.seconds}
+
+
+def _run_field(name: str, doc: str) -> property:
+    """A Trainer attribute that is the run state's (:class:`~gfnet.train.run_state.RunState`)."""
+    return property(lambda self: getattr(self.run, name), lambda self, value: setattr(self.run, name, value), doc=doc)
 
 
 class Trainer:
@@ -233,26 +98,43 @@ class Trainer:
             current step, saves the run in the middle of its epoch and raises
             :class:`~gfnet.train.preemption.Preempted` (see :mod:`gfnet.train.preemption`); empty: none
             is caught.
+        folder: the :class:`~gfnet.train.run_folder.RunFolder` of ``out_dir`` that the caller already read
+            (its records are reused, so that each file is read once); None: the trainer opens its own.
 
-    The state that resuming restores: weights (with batch-norm statistics), the SGD and Adam states,
-    the gradient scaler, the epoch and step counters, the best accuracy and epoch, the history and every
-    process's RNG states; data order is a function of (seed, epoch) in the loaders.
+    The run's state and files are :attr:`run`'s (:class:`~gfnet.train.run_state.RunState`: what resuming
+    restores, what is saved); ``epoch``, ``global_step``, ``best_acc``, ``best_epoch``, ``history``,
+    ``run_id``, ``changes`` and ``data_backend`` are its fields.
 
     Guarantees with ``out_dir`` (see :meth:`fit` and :meth:`save`): one run per folder under a lock,
     checkpoints written atomically, ``model_best.pth.tar`` the best finished epoch's whenever the process
     is killed, nothing saved from an epoch whose loss or weights went non-finite.
     """
 
+    epoch = _run_field("epoch", "Finished epochs.")
+    global_step = _run_field("global_step", "Training steps taken (all epochs).")
+    best_acc = _run_field("best_acc", "The best epoch's accuracy (%).")
+    best_epoch = _run_field("best_epoch", "The epoch model_best.pth.tar holds (0: none yet).")
+    history = _run_field("history", "One record per finished epoch.")
+    run_id = _run_field("run_id", "The run's identity (stored in its checkpoints).")
+    changes = _run_field("changes", "Options changed by resumes.")
+    data_backend = _run_field("data_backend", "The training loader's backend, set by fit.")
+
+    @property
+    def out_dir(self) -> Optional[str]:
+        """The run folder (None: nothing is written); set it before :meth:`fit` to write elsewhere."""
+        return self.run.out_dir
+
+    @out_dir.setter
+    def out_dir(self, path: Optional[str]) -> None:
+        self.run.set_out_dir(path)
+
     def __init__(self, net: GFNet, options: TrainOptions, out_dir: Optional[str] = None,
                  ctx: Optional[DistributedContext] = None, save_best: bool = True, overwrite: bool = False,
-                 stop_signals: Sequence = ()):
+                 stop_signals: Sequence = (), folder: Optional[RunFolder] = None):
         device = next(net.parameters()).device
         self.ctx = ctx or DistributedContext(device=device)
         self.net = net.to(self.ctx.device)
         self.options = options.resolved(net)
-        self.out_dir = out_dir
-        self.save_best = save_best
-        self.overwrite = overwrite
         self.device = self.ctx.device
         if self.options.amp == "auto":
             amp = default_amp(self.device) if self.device.type == "cuda" else "none"
@@ -262,27 +144,19 @@ class Trainer:
             net.to_channels_last()
         if self.options.compile and net.compiled is None:
             net.compile()
-        if net.meta.get("flops") is None:
-            net.meta.update(compute_flops(net))
-        self.epoch = 0
-        self.global_step = 0
-        self.best_acc = 0.0
-        self.best_epoch = 0
-        self.run_id = uuid.uuid4().hex
-        self.changes: list[dict] = []  # options changed by resumes: {"epoch", "option", "from", "to"}
-        self.history: list[dict] = []
-        self.data_backend: Optional[str] = None  # the training loader's ("dali", "torchvision"), set by fit
-        self._log_handler = None
+        if net.meta.flops is None:
+            net.meta.set_flops(compute_flops(net))
         self.stop_signals = tuple(parse_signal(s) for s in stop_signals)
         self._stop = StopRequest((), self.ctx)  # fit() opens the real one
-        self._mid_epoch: Optional[MidEpoch] = None  # where a resumed run re-enters its epoch
-        self._check_policy_and_layout()
+        self.options.check_for(net)
         if self.options.stage == 2 and not self.options.continue_policy:
             # The reference's stage 2 starts PPO from a new policy whatever the checkpoint holds (its
             # stage-1 files store none). Seeded alike on every process, before DDP wraps the objective.
             reset_policy(net, self.options.seed)
         self._configure_parameters()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.options.amp == "fp16")
+        self.run = RunState(net, self.optimizer, self.ppo_optimizer, self.scaler, self.options, self.ctx, out_dir,
+                            save_best=save_best, overwrite=overwrite, folder=folder)
 
     # ------------------------------------------------------------------ set-up
     def _configure_parameters(self) -> None:
@@ -311,24 +185,6 @@ class Trainer:
             self.objective = SequenceObjective(net, o.dsn_ratio, o.train_global, o.glance_mode, o.action_std)
         self.wrapped = (DistributedDataParallel(self.objective, **ddp_kwargs) if self.ctx.enabled
                         else self.objective)
-
-    def _check_policy_and_layout(self) -> None:
-        o, net = self.options, self.net
-        untrained = net.meta.get("trained_policy") is False  # a checkpoint with policy None, or stage 1's
-        if o.stage == 2 and o.continue_policy and untrained:
-            raise ValueError("continue_policy (--continue-policy) continues a trained policy, and this net has "
-                             "none (its checkpoint stores policy None or comes from stage 1): drop it to start "
-                             "PPO from a fresh policy, as the reference does")
-        if o.stage == 3 and untrained:
-            raise ValueError("stage 3 fine-tunes with the policy that stage 2 trained, and this net has none (its "
-                             "checkpoint stores policy None or comes from stage 1): start stage 3 from a stage-2 "
-                             "checkpoint")
-        if o.save_layout == "reference-train" and o.stage != 2 and o.train_global != net.config.train.train_model_prime:
-            raise ValueError(
-                f"the reference's train.py {'trains' if net.config.train.train_model_prime else 'freezes'} the global "
-                f"encoder of {net.arch} and builds its optimizer accordingly; save_layout 'reference-train' "
-                f"(--save-layout) needs train_global={net.config.train.train_model_prime} (--train-global "
-                f"{'yes' if net.config.train.train_model_prime else 'no'})")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -403,8 +259,8 @@ class Trainer:
         """
         from tqdm import tqdm
 
-        resumed = self._mid_epoch if self._mid_epoch is not None and self._mid_epoch.epoch == epoch else None
-        self._mid_epoch = None
+        resumed = self.run.mid_epoch if self.run.mid_epoch is not None and self.run.mid_epoch.epoch == epoch else None
+        self.run.mid_epoch = None
         if resumed is not None:
             resumed.check_loader(loader)
         first = resumed.step if resumed is not None else 0  # a run stopped mid-epoch re-enters it there
@@ -483,7 +339,7 @@ class Trainer:
         if not self._weights_finite():
             self._diverged(progress.epoch, "a trained weight is non-finite")
         progress.signal = parse_signal(self._stop.agreed).name
-        path = save_mid_epoch(self, progress)
+        path = self.run.save_mid_epoch(progress)
         stopped = Preempted(self._stop.agreed, path, self.epoch, progress.step, progress.steps)
         if self.ctx.is_main:
             log.warning("%s", stopped)
@@ -557,21 +413,20 @@ class Trainer:
             RunFolderBusy: another process trains into ``out_dir``.
             Preempted: a stop signal ended the run after its state was saved.
         """
-        folder = RunFolder(self.out_dir, CHECKPOINT_NAME, BEST_NAME) if self.out_dir is not None else None
+        run, folder = self.run, self.run.folder
         self.data_backend = getattr(train_loader, "backend", None) or None
         self._stop = StopRequest(self.stop_signals, self.ctx)
         try:
-            resume = self._open_run(folder, resume)
-            self._open_log()
-            if resume:
-                self.load_training_state(resume)
-                log.info("resumed from %s at epoch %d (step %d)", resume, self.epoch, self.global_step)
-                if folder is not None and self.ctx.is_main and self.save_best:
-                    self._reconcile_best(folder, resume)
+            record = run.open(resume)
+            resume = record.path if record is not None else None
+            run.open_log()
+            if record is not None:
+                run.resume(record)
+                del record  # its tensors map the file: let go
             else:
                 seed_everything(self.options.seed + self.ctx.rank)
-            self._check_data_classes(train_loader, val_loader)
-            self._check_loader(train_loader)
+            check_data_classes(self.net, train_loader, val_loader)
+            check_loader(train_loader, self.ctx.world_size)
             if self.ctx.is_main:
                 log.info("stage %d, %d epoch(s), %d process(es) on %s, amp %s; options %s", self.options.stage,
                          self.options.epochs, self.ctx.world_size, self.device, self.options.amp,
@@ -599,20 +454,12 @@ class Trainer:
                     acc = record["val_acc"][-1]
                 else:
                     acc = record["train_acc"][-1]
-                is_best = acc > self.best_acc
-                self.best_acc = max(self.best_acc, acc)
-                if is_best:
-                    self.best_epoch = epoch + 1
-                record["acc"], record["best_acc"] = acc, self.best_acc
-                self.epoch = epoch + 1
-                self.history.append(record)
+                is_best = run.finish_epoch(record, acc)
                 if self.options.stage == 2:
-                    self.net.meta["trained_policy"] = True
+                    self.net.meta.trained_policy = True
                 if val_loader is not None:
-                    self.net.meta["anytime_classification"] = record["val_acc"]
+                    self.net.meta.anytime_classification = record["val_acc"]
                 self.save(is_best)
-                if folder is not None and self.ctx.is_main:
-                    folder.settle_replaced()  # --overwrite: the earlier run's files go once this run has a checkpoint
                 if self.ctx.is_main:
                     log.info("epoch %d/%d: %s", epoch + 1, self.options.epochs, _format_record(record))
                 for cb in callbacks:
@@ -626,310 +473,20 @@ class Trainer:
         finally:
             failure = sys.exc_info()[1]
             self._stop.close(failed=failure is not None and not isinstance(failure, Preempted))
-            self._close_log()
-            if folder is not None:
-                folder.settle_replaced()  # a run that stopped before its first checkpoint puts the earlier run back
-                folder.release()
+            run.close()  # a run that stopped before its first checkpoint puts the earlier run back; the lock goes
 
-    def _open_run(self, folder: Optional[RunFolder], resume: Optional[str]) -> Optional[str]:
-        """Lock the run folder and decide what to resume from (main process; the others follow its word)."""
-        if folder is None:
-            if resume == "auto":
-                raise ValueError("resume='auto' looks for the run in out_dir: give the trainer an out_dir")
-            return resume
-        answer = (None, None, None)
-        if self.ctx.is_main:
-            try:
-                folder.acquire()
-                answer = (folder.resolve_resume(resume, self.overwrite), None, None)
-            except Exception as e:  # told to every process, so that none waits for the others forever
-                answer = (None, type(e), str(e))
-                if not self.ctx.enabled:
-                    raise
-        path, kind, message = self.ctx.all_gather_object(answer)[0]
-        if kind is not None:
-            raise (kind if issubclass(kind, Exception) else RuntimeError)(message)
-        if path is None and resume == "auto" and self.ctx.is_main:
-            log.info("--resume auto: %s holds no run yet; starting a new one", self.out_dir)
-        return path
-
-    def _check_loader(self, loader: Iterable) -> None:
-        try:
-            batches = len(loader)
-        except TypeError:  # no len(): train_epoch reports an empty epoch instead
-            return
-        if batches == 0:
-            stats = getattr(loader, "stats", None)
-            size = getattr(loader, "batch_size", None)
-            have = f"{stats.valid} valid training images" if stats is not None else "the training images"
-            raise ValueError(f"the training loader yields no batch: {have} make no full batch of {size} per "
-                             f"process ({self.ctx.world_size} process(es)); lower the batch size or add images")
-
-    def _reconcile_best(self, folder: RunFolder, source: str) -> None:
-        info = read_run_info(source)
-        adopted = folder.reconcile_best(source, info)
-        if adopted is not None and adopted.best_acc >= self.best_acc:
-            self.best_acc, self.best_epoch = adopted.best_acc, adopted.best_epoch
-
-    # ------------------------------------------------------------------ checkpoints
-    def training_state(self) -> dict:
-        """What resuming needs besides the weights (collective under DDP: every process must call it)."""
-        rng = self.ctx.all_gather_object(capture_rng_state())
-        return {
-            "stage": self.options.stage,
-            "options": {k: (list(v) if isinstance(v, tuple) else v)
-                        for k, v in dataclasses.asdict(self.options).items()},
-            "global_step": self.global_step,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": rng,
-            "world_size": self.ctx.world_size,
-            "history": self.history,
-            "run_id": self.run_id,
-            "best_epoch": self.best_epoch,
-            "changes": self.changes,
-            "data_backend": self.data_backend,
-        }
-
+    # ------------------------------------------------------------------ the run's state (gfnet.train.run_state)
     def checkpoint(self) -> dict:
-        """The checkpoint of the current state, in ``options.save_layout``, plus the training state
-        (collective under DDP)."""
-        o = self.options
-        state = self.training_state()
-        state["train_transforms"] = dataclasses.asdict(self.data_transforms)
-        fields = {"epoch": self.epoch, "best_acc": self.best_acc,
-                  "acc": self.history[-1]["acc"] if self.history else None, "train_state": state}
-        if o.save_layout == "release":
-            fields["optimizer"] = self.optimizer.state_dict() if self.optimizer is not None else None
-            fields["ppo_optimizer"] = self.ppo_optimizer.state_dict() if self.ppo_optimizer is not None else None
-        else:
-            # What the reference's train.py writes: its SGD's groups in its parameter order (stages 1, 3),
-            # PPO's Adam (stage 2; stage 3 builds one that never steps, and --resume loads it), and no
-            # policy in stage 1.
-            fields["optimizer"] = (sgd_state_to_reference(self.optimizer, self.net, o.train_global)
-                                   if self.optimizer is not None else None)
-            if self.ppo_optimizer is not None:
-                fields["ppo_optimizer"] = adam_state_to_reference(self.ppo_optimizer.state_dict())
-            else:
-                fields["ppo_optimizer"] = (fresh_adam_state(self.net, o.policy_lr, o.policy_betas)
-                                           if o.stage == 3 else None)
-            if o.stage == 1:
-                fields["policy"] = None
-        return checkpoint_dict(self.net, layout=o.save_layout, **fields)
+        """The checkpoint of the current state, plus the training state (collective under DDP)."""
+        return self.run.checkpoint()
 
     def save(self, is_best: bool = False) -> None:
-        """Write the epoch's checkpoint atomically to ``out_dir`` (main process; collective under DDP).
+        """Write the epoch's checkpoint (and the best file) atomically: :meth:`RunState.save`."""
+        self.run.save(is_best)
 
-        An improving epoch writes ``model_best.pth.tar`` first and ``checkpoint.pth.tar`` second, both
-        the same content. So at any moment a kill may strike, the best file holds the best finished
-        epoch: killed before the best file's rename, the folder is as after the previous epoch; killed
-        between the two renames, the best file is one epoch ahead of the checkpoint (``resume="auto"``
-        resumes from it; a resume from the older checkpoint adopts it, see
-        :meth:`gfnet.train.run_folder.RunFolder.reconcile_best`).
-        """
-        if self.out_dir is None:
-            return
-        obj = self.checkpoint()
-        if self.ctx.is_main:
-            if is_best and self.save_best:
-                atomic_save(obj, os.path.join(self.out_dir, BEST_NAME))
-            atomic_save(obj, os.path.join(self.out_dir, CHECKPOINT_NAME))
-            RunFolder(self.out_dir).discard_mid_epoch()  # superseded by this finished epoch
-        self.ctx.barrier()
-
-    def load_training_state(self, path: str) -> None:
-        """Restore a run from a checkpoint written during training: gfnet's (either layout) or the
-        reference train.py's.
-
-        Weights (with batch-norm statistics), the SGD / Adam states (re-indexed from the reference's
-        parameter order where needed), the epoch and the best accuracy come from any of them; gfnet's
-        files add the gradient scaler, the step counter, the history, the run's identity and best epoch
-        and every process's RNG states. A reference file has none of these: the step counter and history
-        restart empty and the random streams restart from seed + rank + epoch.
-
-        What a resume cannot change (the architecture, patch size, T, classifier, classes, stage, whether
-        the global encoder trains) must match, else ValueError. Every other option that differs from the
-        checkpoint's (epochs, learning rates, seed, batch size, ...) is logged, one line each, recorded in
-        the checkpoint's ``train_state["changes"]``, and takes effect: the optimisers' hyper-parameters
-        follow the new options, so the stored options and optimiser state never disagree.
-
-        Raises:
-            FileNotFoundError: no such file.
-            CheckpointError: the file is not a gfnet or reference GFNet checkpoint, or holds no training state.
-            ValueError: it belongs to a run that cannot continue as this one.
-        """
-        o, net = self.options, self.net
-        # gfnet's own files say what run they belong to: name every difference at once, before the reader
-        # (which checks the first it meets) sees the caller's values (mmap: no weight is read for this)
-        peek = torch_load(path, mmap=True)
-        if isinstance(peek, dict) and isinstance(peek.get("train_state"), dict) and "model_state_dict" in peek:
-            self._check_same_model(path, peek)
-        del peek
-        ckpt = read_checkpoint(path, arch=net.arch, patch_size=net.patch_size, T=net.T)
-        obj = ckpt.raw
-        state = obj.get("train_state")
-        if ckpt.stage is None:
-            raise CheckpointError(f"{path} holds no training state: --resume takes the checkpoint.pth.tar written "
-                                  "during training (by gfnet-train or the reference's train.py); to start a stage "
-                                  "from weights, use --checkpoint")
-        if ckpt.stage != o.stage:
-            raise ValueError(f"{path} is a stage-{ckpt.stage} run; this one is stage {o.stage}")
-        if ckpt.num_classes != net.num_classes:
-            raise ValueError(f"{path} classifies {ckpt.num_classes} classes, this run's net {net.num_classes}")
-        self._adopt_stored_classes(path, obj.get("classes"))
-        if o.stage == 3 and obj["policy"] is None:
-            raise ValueError(f"{path} is a stage-3 file without a policy: it cannot continue stage 3")
-        if isinstance(state, dict):
-            self._report_changes(path, obj, state)
-        load_weights(net, ckpt)
-        if self.optimizer is not None:
-            found = load_sgd_state(self.optimizer, obj.get("optimizer"), net, o.train_global, path)
-            log.debug("%s: SGD state in the %s layout", path, found)
-        if self.ppo_optimizer is not None:
-            saved = obj.get("ppo_optimizer")
-            if not isinstance(saved, dict) or "param_groups" not in saved:
-                raise ValueError(f"{path} holds no PPO optimizer state ('ppo_optimizer' is "
-                                 f"{type(saved).__name__}): --resume takes a stage-2 file")
-            self.ppo_optimizer.load_state_dict(saved)
-        if isinstance(state, dict):
-            self._apply_hyperparameters()
-        if o.stage == 2 and int(obj["epoch"]) > 0:
-            net.meta["trained_policy"] = True
-        self.epoch = int(obj["epoch"])
-        self.best_acc = float(obj["best_acc"]) if obj.get("best_acc") is not None else 0.0
-        for k in ("flops", "model_flops", "policy_flops", "fc_flops", "anytime_classification"):
-            if obj.get(k) is not None:
-                net.meta[k] = obj[k]
-        if not isinstance(state, dict):
-            log.warning("%s was written by the reference's train.py: it stores no step counter, history or "
-                        "random states; random streams restart from seed %d + epoch", path, o.seed)
-            self.global_step, self.history = 0, []
-            seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
-            return
-        mid = state.get("mid_epoch")  # a run stopped in the middle of an epoch (gfnet.train.preemption)
-        self._mid_epoch = MidEpoch.from_state(mid, self.ctx, path) if isinstance(mid, dict) else None
-        if self._mid_epoch is not None and self.ctx.is_main:
-            log.info("%s: epoch %d continues after step %d", path, self.epoch + 1, self._mid_epoch.step)
-        if state.get("scaler") is not None and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        self.run_id = state.get("run_id") or self.run_id
-        self.best_epoch = read_run_info(path, obj).best_epoch
-        rng = state["rng"]
-        if len(rng) == self.ctx.world_size:
-            restore_rng_state(rng[self.ctx.rank])
-        else:
-            log.warning("%s was written by %d process(es), this run has %d: random streams restart from "
-                        "seed %d + epoch", path, len(rng), self.ctx.world_size, o.seed)
-            seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
-
-    def _adopt_stored_classes(self, path: str, stored) -> None:
-        if stored is None:
-            return
-        mine = self.net.meta.get("classes")
-        if mine is not None and list(mine) != list(stored):
-            from gfnet.data.index import class_list_difference
-
-            raise ValueError(f"{path} was trained on other classes than this run's net: "
-                             f"{class_list_difference(stored, mine)}")
-        self.net.meta["classes"] = list(stored)
-
-    def _check_data_classes(self, *loaders) -> None:
-        """The loaders' class names (gfnet.data loaders have ``classes``) must be the ones the net classifies:
-        labels are positions in that list. A net that names none takes the training loader's."""
-        from gfnet.data.index import class_list_difference
-
-        for loader in loaders:
-            names = getattr(loader, "classes", None)
-            if names is None:
-                continue
-            known = self.net.meta.get("classes")
-            if known is None:
-                if len(names) != self.net.num_classes:
-                    raise ValueError(f"the data has {len(names)} classes, the net classifies {self.net.num_classes}")
-                self.net.meta["classes"] = list(names)
-            elif list(names) != list(known):
-                raise ValueError(f"the data's classes are not the {len(known)} that the net classifies: "
-                                 f"{class_list_difference(known, names)}; build every loader with "
-                                 "make_loader(..., classes=<the training split's>)")
-
-    def _check_same_model(self, path: str, obj: dict) -> None:
-        net, o = self.net, self.options
-        stored_T = obj.get("T") if obj.get("T") is not None else (len(obj["flops"]) if obj.get("flops") else None)
-        fc = obj.get("fc") or {}
-        stored_classes = next((int(fc[k].shape[0]) for k in ("fc.weight", "fc_2.weight") if k in fc), None)
-        stored_kind = "gru" if "fc.weight" in fc else ("cascade" if "fc_2.weight" in fc else None)
-        stored_options = obj["train_state"].get("options") or {}
-        pairs = [("architecture", obj.get("model_name"), net.arch),
-                 ("patch size", obj.get("patch_size"), net.patch_size),
-                 ("T", stored_T, net.T),
-                 ("classifier", stored_kind, "gru" if net.fc.is_rnn else "cascade"),
-                 ("classes", stored_classes, net.num_classes)]
-        pairs += [(name, stored_options.get(name), getattr(o, name)) for name in _FIXED_ON_RESUME
-                  if name in stored_options]
-        differ = [f"{name} {have} (checkpoint) vs {want} (this run)" for name, have, want in pairs
-                  if have is not None and have != want]
-        if differ:
-            raise ValueError(f"{path} cannot be resumed as this run: " + "; ".join(differ) + ". A resume "
-                             "continues the same run; to train a changed model, start a new run in another "
-                             "output folder")
-
-    def _report_changes(self, path: str, obj: dict, state: dict) -> None:
-        stored = state.get("options") or {}
-        now = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.options).items()}
-        self.changes = list(state.get("changes") or [])
-        epoch = int(obj.get("epoch") or 0)
-        for key, value in now.items():
-            if key in _UNREPORTED or key not in stored or stored[key] == value:
-                continue
-            if self.ctx.is_main:
-                log.warning("resume: %s changes from %r to %r (from epoch %d on)", key, stored[key], value, epoch + 1)
-            self.changes.append({"epoch": epoch, "option": key, "from": stored[key], "to": value})
-        stored_backend = state.get("data_backend")
-        if stored_backend and self.data_backend and stored_backend != self.data_backend:
-            if self.ctx.is_main:
-                log.warning("resume: data backend changes from %r to %r (from epoch %d on): the two decode and resize "
-                            "images with different rounding, so the run will not equal an uninterrupted one bit for "
-                            "bit", stored_backend, self.data_backend, epoch + 1)
-            self.changes.append({"epoch": epoch, "option": "data_backend", "from": stored_backend,
-                                 "to": self.data_backend})
-        if int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size and self.ctx.is_main:
-            log.warning("resume: processes change from %d to %d", state["world_size"], self.ctx.world_size)
-        if epoch > 0 and self.options.epochs is not None and epoch > self.options.epochs and self.ctx.is_main:
-            log.warning("resume: %s has trained %d epochs, more than --epochs %d", path, epoch, self.options.epochs)
-
-    def _apply_hyperparameters(self) -> None:
-        # A loaded optimiser state carries the old run's base learning rates, momentum and weight decay in
-        # its parameter groups; the options of this run rule (they are what the checkpoint will store).
-        o = self.options
-        if self.optimizer is not None:
-            for g in self.optimizer.param_groups:
-                g["base_lr"] = o.fc_lr if g.get("name") == "fc" else o.backbone_lr
-                g.update(momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-        if self.ppo_optimizer is not None:
-            for g in self.ppo_optimizer.param_groups:
-                g.update(lr=o.policy_lr, betas=tuple(o.policy_betas))
-
-    # ------------------------------------------------------------------ logging
-    def _open_log(self) -> None:
-        if self.out_dir is None or not self.ctx.is_main or self._log_handler is not None:
-            return
-        os.makedirs(self.out_dir, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(self.out_dir, "train.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler.setLevel(logging.DEBUG)
-        log.addHandler(handler)
-        # The run's train.log is one of the run's files: it must hold the run's lines even where the application
-        # configured no logging. Only a logger nobody has set is given a level (an application's choice stays).
-        if log.level == logging.NOTSET:
-            log.setLevel(logging.DEBUG)
-        self._log_handler = handler
-
-    def _close_log(self) -> None:
-        if self._log_handler is not None:
-            log.removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
+    def load_training_state(self, path) -> None:
+        """Restore a run from a training checkpoint (a path or its record): :meth:`RunState.load`."""
+        self.run.load(path)
 
 
 def _format_record(record: dict) -> str:

@@ -252,4 +252,4 @@ def reset_policy(net: GFNet, seed: int) -> None:
     with torch.no_grad():
         for name, value in fresh.state_dict().items():
             net.policy.state_dict()[name].copy_(value)
-    net.meta["trained_policy"] = False
+    net.meta.trained_policy = False

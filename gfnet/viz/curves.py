@@ -80,6 +80,8 @@ def _budget_pair(v) -> Tuple[List[float], List[float]]:
 
 
 def _read_source(source) -> Tuple[Mapping[str, Any], str]:
+    if hasattr(source, "meta") and hasattr(source.meta, "as_dict"):  # a GFNet: its ModelMeta's fields
+        return source.meta.as_dict(), ""
     if hasattr(source, "meta") and isinstance(source.meta, Mapping):
         return source.meta, ""
     if isinstance(source, Mapping):

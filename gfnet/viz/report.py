@@ -60,7 +60,7 @@ def render_report(demo_dir: PathLike, threshold_index: int = 19, max_images: int
         raise FileNotFoundError(f"no checkpoint at {ckpt}: is {demo_dir} a gfnet-demo output folder? "
                                 "(write one with `gfnet-demo --out DIR`)")
     net = load_checkpoint(ckpt)
-    meta = dict(net.meta)
+    meta = net.meta.as_dict()
     results_path = os.path.join(demo_dir, RESULTS_FILE)
     if os.path.isfile(results_path):
         with open(results_path) as f:
