@@ -1215,18 +1215,10 @@ class _Worker:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """The report files, through gfnet's one atomic writer (a kill never leaves half a table)."""
+    from gfnet.atomic import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def markdown(results: list, env: dict, budget_s: Optional[float] = None, elapsed_s: Optional[float] = None) -> str:

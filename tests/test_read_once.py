@@ -136,9 +136,8 @@ def test_no_string_indexing_of_net_meta_outside_the_checkpoint_module():
 
 
 def test_one_atomic_writer():
-    """Files are replaced only by gfnet.atomic (the run folder's renames move a run's own files aside and back;
-    gpucheck is routed after the merge of its branch)."""
-    allowed = {"gfnet/atomic.py", "gfnet/train/run_folder.py", "bench/gpucheck.py"}
+    """Files are replaced only by gfnet.atomic (the run folder's renames move a run's own files aside and back)."""
+    allowed = {"gfnet/atomic.py", "gfnet/train/run_folder.py"}
     offenders = [path for folder in ("gfnet", "bench") for path, text in sources(folder)
                  if path not in allowed and ("os.replace(" in text or "os.rename(" in text or "mkstemp(" in text
                                              and "write-probe" not in text)]
