@@ -81,16 +81,18 @@ class EvaluationResult:
     written: Optional[str] = None
 
 
-def _read_raw(path: str, **resolve):
-    """The checkpoint as :func:`gfnet.checkpoint.read_checkpoint` reads it (weights included, on the CPU)."""
+def _read_raw(path, **resolve):
+    """The checkpoint as :func:`gfnet.checkpoint.read_checkpoint` reads it (weights included, on the CPU);
+    ``path`` may be a record already read (nothing is read again)."""
     from gfnet.checkpoint import read_checkpoint
 
     return read_checkpoint(path, **resolve)
 
 
-def checkpoint_summary(path: str, arch: Optional[str] = None, patch_size: Optional[int] = None,
+def checkpoint_summary(path, arch: Optional[str] = None, patch_size: Optional[int] = None,
                        T: Optional[int] = None) -> dict:
-    """The stored results of a checkpoint, read without building a model (eval mode 0).
+    """The stored results of a checkpoint (a file, or its :class:`~gfnet.checkpoint.CheckpointFile` already
+    read), without building a model (eval mode 0).
 
     Returns:
         dict with ``model_arch`` and the reference's fields patch_size, flops, model_flops, policy_flops,
@@ -348,7 +350,10 @@ def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = 
     say = log if (log is not None and main) else (lambda line: None)
     if eval_mode not in (0, 1, 2):
         raise ValueError(f"eval_mode must be 0, 1 or 2, got {eval_mode}")
-    summary = checkpoint_summary(checkpoint, arch=arch, patch_size=patch_size, T=T)
+    from gfnet.checkpoint import read_record
+
+    record = read_record(checkpoint)  # the one read: the summary, the network and a --write come from it
+    summary = checkpoint_summary(record, arch=arch, patch_size=patch_size, T=T)
     result = EvaluationResult(mode=eval_mode, summary=summary, processes=world)
     if eval_mode == 0:
         for key, value in summary.items():
@@ -364,7 +369,7 @@ def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = 
     from gfnet.data import make_loader
     from gfnet.engine import step_flops
 
-    net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
+    net = load_checkpoint(record, arch=arch, patch_size=patch_size, T=T)
     _check_finite_weights(net, checkpoint)
     stored = net.meta.dynamic_threshold
     if eval_mode == 1:
@@ -468,7 +473,9 @@ def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = 
     if write and main:
         from gfnet.checkpoint import atomic_save
 
-        obj = _read_raw(checkpoint, arch=arch, patch_size=patch_size, T=T).raw
+        # the file as read (loading copied its weights into the network; nothing changed them), under the lock
+        # that keeps a training run from rewriting it meanwhile (evaluate_checkpoint)
+        obj = dict(record.raw)
         obj["anytime_classification"] = result.anytime_classification
         obj["budgeted_batch_classification"] = result.budgeted_batch_classification
         if eval_mode == 2:

@@ -142,3 +142,22 @@ def test_one_atomic_writer():
                  if path not in allowed and ("os.replace(" in text or "os.rename(" in text or "mkstemp(" in text
                                              and "write-probe" not in text)]
     assert not offenders, offenders
+
+
+def test_gfnet_eval_write_reads_its_checkpoint_once(data, tmp_path, loads):
+    """gfnet-eval --eval-mode 2 --write: the summary, the network and the file it rewrites come from one read."""
+    from gfnet.cli.eval import main as eval_main
+
+    out = tmp_path / "run"
+    assert main(args(data, out, "--epochs", "1")) == 0
+    before = torch.load(str(out / CKPT), weights_only=True)
+    loads.clear()
+    assert eval_main(["--checkpoint", str(out / CKPT), "--eval-mode", "2", "--data", data, "--backend", "torchvision",
+                      "--batch-size", "2", "--write", "--train-subset", "8"]) == 0
+    assert loads[CKPT] == 1, dict(loads)
+    stored = torch.load(str(out / CKPT), weights_only=True)
+    assert stored["dynamic_threshold"] is not None and stored["anytime_classification"] is not None
+    assert stored["train_state"]["history"] == before["train_state"]["history"]  # the whole checkpoint, rewritten
+    assert stored["train_state"].keys() == before["train_state"].keys()
+    for part in ("model_state_dict", "model_prime_state_dict", "fc", "policy"):
+        assert all(torch.equal(v, before[part][k]) for k, v in stored[part].items()), part
