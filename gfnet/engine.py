@@ -101,14 +101,10 @@ class BudgetedPrediction:
 
 
 def step_flops(net) -> list:
-    """Cumulative Multiply-Adds per step count (length T): ``net.meta.flops`` when a checkpoint
-    stored them, else counted by :func:`gfnet.flops.compute_flops`."""
-    flops = getattr(getattr(net, "meta", None), "flops", None)
-    if flops is None:
-        from gfnet.flops import compute_flops
+    """Cumulative Multiply-Adds per step count (length T): stored, else counted (:func:`gfnet.flops.known_flops`)."""
+    from gfnet.flops import known_flops
 
-        flops = compute_flops(net)["flops"]
-    flops = [float(f) for f in flops]
+    flops = [float(f) for f in known_flops(net)["flops"]]
     if len(flops) < net.T:
         raise ValueError(f"the model has T={net.T} steps but its flops list has {len(flops)} entries")
     return flops[: net.T]

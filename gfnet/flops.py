@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_macs", "compute_flops"]
+__all__ = ["count_macs", "compute_flops", "known_flops"]
 
 
 def count_macs(fn: Callable, *args, **kwargs) -> int:
@@ -62,3 +62,17 @@ def compute_flops(net) -> dict:
                     "flops": flops}
     finally:
         net.train(was_training)
+
+
+#: The Multiply-Add fields of a checkpoint (and of ``net.meta``) that :func:`compute_flops` counts.
+FLOPS_FIELDS = ("flops", "model_flops", "policy_flops", "fc_flops")
+
+
+def known_flops(net) -> dict:
+    """The one rule for a network's Multiply-Adds: what ``net.meta`` holds (a checkpoint stored them), else
+    counted now by :func:`compute_flops` and kept in ``net.meta`` so that they are counted once. Returns
+    {flops (cumulative per step count), model_flops, policy_flops, fc_flops}."""
+    meta = net.meta
+    if meta.flops is None:
+        meta.set_flops(compute_flops(net))
+    return {k: getattr(meta, k) for k in FLOPS_FIELDS}

@@ -22,7 +22,7 @@ REFERENCE_TRAIN_FIELDS = ("epoch", "model_state_dict", "model_prime_state_dict",
 def checkpoint_dict(net, layout: str = "release", **meta) -> dict:
     """The checkpoint dict of ``net`` in ``layout`` (see :func:`save_checkpoint`)."""
     from gfnet import __version__
-    from gfnet.flops import compute_flops
+    from gfnet.flops import known_flops
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -40,7 +40,7 @@ def checkpoint_dict(net, layout: str = "release", **meta) -> dict:
     fields = {k: v for k, v in net.meta.evaluation().items() if v is not None}
     fields.update(meta)
     if layout == "release" and fields.get("flops") is None:
-        fields.update(compute_flops(net))
+        fields.update(known_flops(net))
     # policy=None asks for the reference's "no trained policy yet" (its stage-1 files); the release layout
     # always carries the policy's weights, as inference.py loads them.
     no_policy = fields.pop("policy", ...) is None if "policy" in fields else net.meta.trained_policy is False

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from gfnet.flops import compute_flops
+from gfnet.flops import known_flops
 from gfnet.models.gfnet import GFNet
 from gfnet.precision import amp_dtype, default_amp
 from gfnet.train.data_checks import check_data_classes, check_loader
@@ -144,8 +144,7 @@ class Trainer:
             net.to_channels_last()
         if self.options.compile and net.compiled is None:
             net.compile()
-        if net.meta.flops is None:
-            net.meta.set_flops(compute_flops(net))
+        known_flops(net)  # counted now where no checkpoint stored them (saved with every checkpoint)
         self.stop_signals = tuple(parse_signal(s) for s in stop_signals)
         self._stop = StopRequest((), self.ctx)  # fit() opens the real one
         self.options.check_for(net)
