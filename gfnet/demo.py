@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import gfnet
 from gfnet import budget
-from gfnet.precision import amp_dtype, autocast
+from gfnet.precision import AMP_MODES, amp_dtype, autocast
 from gfnet.train import TensorLoader, Trainer, TrainOptions
 from gfnet.viz.report import CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE, render_report
 
@@ -92,7 +92,7 @@ class DemoConfig:
 
 #: The demo's precisions (``gfnet-demo --amp``): "none" (fp32, the published numbers) or "bf16" (bf16
 #: autocast for training and evaluation alike; the weights and optimiser state stay fp32).
-DEMO_AMP = ("none", "bf16")
+DEMO_AMP = tuple(m for m in AMP_MODES if m in ("none", "bf16"))  # the CPU's precisions (fp16 is a GPU's)
 
 
 #: The ``--quick`` configuration: the same pipeline at a toy size (tests; well under a minute).

@@ -12,6 +12,10 @@ import torch
 __all__ = ["AMP_DTYPES", "amp_dtype", "autocast", "default_amp", "native_bf16_cuda", "native_bf16_cpu_feature",
            "bf16_offer", "measure_bf16_slowdown", "emulated_bf16_note"]
 
+#: The precisions a user names: gfnet-train --amp ("auto": the device's default, :func:`default_amp`) and
+#: gfnet-demo --amp (its subset ``DEMO_AMP``); gfnet-eval --dtype takes the names of :data:`AMP_DTYPES`.
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+
 # name -> the autocast dtype (None: no autocast, fp32)
 AMP_DTYPES = {"fp32": None, "float32": None, "none": None, None: None, torch.float32: None,
               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,

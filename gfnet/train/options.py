@@ -11,11 +11,11 @@ from gfnet.checkpoint import LAYOUTS
 from gfnet.config import TRANSFORMS
 from gfnet.models.gfnet import GFNet
 from gfnet.models.policy import ACTION_STD
+from gfnet.precision import AMP_MODES
 
 __all__ = ["AMP_MODES", "TrainOptions", "cosine_lr"]
 
 # "auto": on a GPU the mixed precision users expect (bf16 where the card has it, else fp16), fp32 on the CPU
-AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 @dataclass

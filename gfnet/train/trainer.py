@@ -25,7 +25,6 @@ best file, run folder, mid-epoch state) are :class:`gfnet.train.run_state.RunSta
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -38,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gfnet.flops import known_flops
 from gfnet.models.gfnet import GFNet
-from gfnet.precision import amp_dtype, default_amp
+from gfnet.precision import amp_dtype, autocast, default_amp
 from gfnet.train.data_checks import check_data_classes, check_loader
 from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
@@ -186,9 +185,8 @@ class Trainer:
                         else self.objective)
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # gfnet.precision's autocast, with the weight-cast cache on (several passes per step share the weights)
+        return autocast(self.device, self.amp_dtype, cache_enabled=True)
 
     def _set_modes(self) -> None:
         net, o = self.net, self.options
