@@ -89,7 +89,7 @@ def run(device=None, quick: bool = False, threads=None, arch: str = "mobilenetv3
     try:
         with use_threads(None):
             rows = _latency(device, quick, arch, patch_size or (64 if quick else 96), T or (2 if quick else 3),
-                            num_images or (4 if quick else 64), tuple(points or ((5, 35) if quick else DEFAULT_POINTS)),
+                            num_images or (4 if quick else 32), tuple(points or ((5, 35) if quick else DEFAULT_POINTS)),
                             providers, thread_settings, seed, workdir)
             if throughput if throughput is not None else not quick:
                 rows += _throughput(device, providers, int(all_cores), seed, workdir)
@@ -142,8 +142,10 @@ def _latency(device, quick, arch, patch_size, T, num_images, points, providers, 
                 runners[name] = make_runner(compiled if name == "compiled" else net, name, n_threads)
             else:
                 runners[name] = make_runner(net, name, n_threads, package=packages[name])
+            folder = os.path.join(workdir, f"backbone-{name}")  # exported once, loaded per thread setting
+            os.makedirs(folder, exist_ok=True)
             backbones[name] = backbone_runner(backbone, name, S, n_threads, "uint8", net.config.mean, net.config.std,
-                                              os.path.join(workdir, f"backbone-{name}-{n_threads}"))
+                                              folder)
         singles = {name: [r.as_input(images[i:i + 1].numpy()) for i in range(num_images)]
                    for name, r in runners.items()}
         # warm-up (a compiled model compiles here) and the outputs compared before any timing

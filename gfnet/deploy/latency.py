@@ -17,6 +17,7 @@ Latencies are wall-clock (``time.perf_counter``) around each image's whole class
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -141,8 +142,8 @@ def make_runner(net, runtime: str, threads: Optional[int] = 1, input_dtype: str 
     """A batch-1 runner of ``net`` in ``runtime`` (see the module docstring).
 
     Args:
-        net: a :class:`gfnet.GFNet` (eval; for "eager"/"compiled" it runs as it is: compile or channels-last it
-            yourself, or pass runtime="compiled" to have :meth:`GFNet.compile` called on it).
+        net: a :class:`gfnet.GFNet` (eval). "eager" runs it as it is; "compiled" runs it as it is when it was
+            compiled (:meth:`GFNet.compile`), else a compiled copy.
         threads: intra-op threads (torch.set_num_threads for PyTorch, the runtimes' own setting); None: default.
         input_dtype: of the exported package ("uint8" or "float32"); the PyTorch runners take either.
         workdir: where the package is exported (default: a new temporary folder, ``runner.workdir``, which the
@@ -153,7 +154,7 @@ def make_runner(net, runtime: str, threads: Optional[int] = 1, input_dtype: str 
         if threads is not None:
             torch.set_num_threads(int(threads))
         if runtime == "compiled" and net.compiled is None:
-            net.compile()
+            net = copy.deepcopy(net).compile()  # the caller's model stays as it is
         return _TorchRunner(net.eval(), threads)
     from gfnet.deploy import export, load
 
