@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from typing import Any, Optional, Sequence
 
+from gfnet.checkpoint import replaceable_target
 from gfnet.viz.bench_rows import FORMAT, Results, Row, read_results
 
 __all__ = ["FORMAT", "Row", "Results", "environment", "git_describe", "check_writable", "result_paths",
@@ -90,7 +91,9 @@ def result_paths(out_dir: str, suite: str, device_type: str) -> dict:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    # A reader (or a killed run) never sees half a file: write a temporary file beside it, then rename.
+    # A reader (or a killed run) never sees half a file: write a temporary file beside it, then rename
+    # (never over a named pipe or a device file that happens to have the name).
+    replaceable_target(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.basename(path))
     try:

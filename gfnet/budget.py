@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 __all__ = ["NO_EXIT_THRESHOLD", "LAST_STEP_THRESHOLD", "BUDGET_POINTS", "confidences", "separated_thresholds",
-           "exit_proportions",
+           "exit_proportions", "check_thresholds", "check_threshold_table",
            "find_thresholds", "exit_steps", "evaluate", "budget_curve"]
 
 # The reference's sentinels: a threshold nobody reaches, and the last step's that everybody reaches.
@@ -48,6 +48,48 @@ def _max_probs(probs):
     max_probs, preds = probs.max(dim=2)
     # arg-max as AnytimePrediction.preds computes it (the first of tied maxima)
     return max_probs, probs.argmax(dim=2)
+
+
+def _numbers(values, what: str) -> torch.Tensor:
+    """``values`` as a floating tensor (integers become float64), or a ValueError that says what they are."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{what} must be numbers, not text ({values!r})")
+    try:
+        t = torch.as_tensor(values).detach()
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        kinds = sorted({type(v).__name__ for v in values}) if isinstance(values, (list, tuple)) else []
+        raise ValueError(f"{what} must be numbers; got a {type(values).__name__}"
+                         + (f" of {', '.join(kinds)}" if kinds else "")) from None
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in (
+            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise ValueError(f"{what} must be real numbers; got {t.dtype}")
+    return t.cpu() if t.is_floating_point() else t.cpu().double()
+
+
+def check_thresholds(values, T: Optional[int] = None, what: str = "thresholds") -> torch.Tensor:
+    """Exit thresholds, one per step, as a 1-D floating tensor on the CPU (float dtypes kept, integers as
+    float64): numbers (not text), no NaN (a NaN threshold switches early exit off: nothing compares >= NaN),
+    ``T`` of them when ``T`` is given. ``what`` names them in the errors (ValueError)."""
+    t = _numbers(values, what).flatten()
+    if T is not None and t.numel() != T:
+        raise ValueError(f"{what}: need one threshold per step (T={T}), got {t.numel()}")
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{what} must not be NaN (a NaN threshold would switch early exit off); got {t.tolist()}")
+    return t
+
+
+def check_threshold_table(table, T: Optional[int] = None, what: str = "the threshold table") -> torch.Tensor:
+    """A table of exit thresholds (a checkpoint's ``dynamic_threshold``, Tensor[points, T]; any T when None)
+    checked as :func:`check_thresholds` checks one row; a table with NaN names its rows (refit it: eval mode 2)."""
+    t = _numbers(table, what)
+    if t.dim() != 2 or (T is not None and t.shape[1] != T) or t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{what} must be a table of {T or 'T'} thresholds per budget (Tensor[points, "
+                         f"{T or 'T'}]); got shape {tuple(t.shape)}")
+    rows = torch.isnan(t).any(1).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(f"{what} holds NaN in {len(rows)} of its {t.shape[0]} rows (e.g. rows {rows[:5]}): such "
+                         "thresholds switch early exit off; fit them again (gfnet-eval --eval-mode 2 --write)")
+    return t
 
 
 def confidences(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +134,10 @@ def find_thresholds(probs: torch.Tensor, targets: Optional[torch.Tensor],
     del targets  # the reference's procedure never looks at the labels
     max_probs, _ = _max_probs(probs)
     n_steps, n_samples = max_probs.shape
+    bad = int((~torch.isfinite(max_probs)).any(0).sum())
+    if bad:  # a NaN would become a NaN threshold (topk ranks NaN first)
+        raise ValueError(f"{bad} of {n_samples} samples have non-finite max probabilities (NaN or inf outputs): "
+                         "leave them out of the fit; their confidence says nothing")
     proportions = torch.as_tensor(exit_proportions)
     if not proportions.is_floating_point():
         proportions = proportions.float()
@@ -182,9 +228,7 @@ def budget_curve(train_probs: torch.Tensor, train_targets: Optional[torch.Tensor
         rows = [find_thresholds(train_probs, train_targets, exit_proportions(p / 20.0, n_steps)).cpu()
                 for p in range(1, BUDGET_POINTS + 1)]
         thresholds = torch.stack(rows)
-    thresholds = torch.as_tensor(thresholds)
-    if thresholds.dim() != 2 or thresholds.shape[1] != n_steps:
-        raise ValueError(f"thresholds must be Tensor[points, {n_steps}], got shape {tuple(thresholds.shape)}")
+    thresholds = check_threshold_table(thresholds, n_steps, "thresholds")
     accuracies, costs = [], []
     for row in thresholds:
         accuracy, cost = evaluate(val_probs, val_targets, flops, row)

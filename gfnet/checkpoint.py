@@ -39,7 +39,7 @@ import torch
 __all__ = ["CheckpointError", "CheckpointFile", "LAYOUTS", "PYCLS_TIMM_KEYS", "REFERENCE_FIELDS",
            "REFERENCE_TRAIN_FIELDS", "atomic_save", "checkpoint_dict", "load_checkpoint", "load_weights",
            "load_failure", "pycls_to_timm", "read_checkpoint", "reference_parameter_order", "remove_stale_temps",
-           "save_checkpoint",
+           "replaceable_target", "save_checkpoint",
            "strip_module_prefix", "timm_to_pycls", "torch_load"]
 
 log = logging.getLogger("gfnet.checkpoint")
@@ -222,6 +222,35 @@ def _load_file(path: str, map_location) -> dict:
     return obj
 
 
+def _check_stored_fields(path: str, obj: dict) -> None:
+    """The fields that describe the model hold what they should: a backbone name, whole numbers, a class list
+    (a hand-edited or foreign file otherwise fails later with a traceback that names nothing)."""
+    name = obj.get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"{path}: its 'model_name' is {type(name).__name__} {name!r}, not a backbone name; "
+                              "fix the file, or remove the field and pass --arch")
+    for field in ("patch_size", "T", "num_classes"):
+        value = obj.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{path}: its {field!r} is {type(value).__name__} {value!r}, not a whole number "
+                                  ">= 1; fix the file, or remove the field and pass it as an option")
+    flops = obj.get("flops")
+    numbers = isinstance(flops, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) or isinstance(v, torch.Tensor) and v.numel() == 1
+        for v in flops)
+    if flops is not None and not (numbers or isinstance(flops, torch.Tensor) and flops.dim() == 1):
+        raise CheckpointError(f"{path}: its 'flops' is {type(flops).__name__}, not a list of Multiply-Add counts "
+                              "(one per step)")
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: its 'classes' is {type(classes).__name__}, not a list of class folder names")
+    size, crop = obj.get("image_size"), obj.get("crop_pct")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise CheckpointError(f"{path}: its 'image_size' is {type(size).__name__} {size!r}, not a whole number >= 1")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+        raise CheckpointError(f"{path}: its 'crop_pct' is {type(crop).__name__} {crop!r}, not a number in (0, 1]")
+
+
 def _stored_stage(obj: dict) -> Optional[int]:
     state = obj.get("train_state")
     if isinstance(state, Mapping) and state.get("stage") in (1, 2, 3):
@@ -287,6 +316,7 @@ def read_checkpoint(path, arch: Optional[str] = None, patch_size: Optional[int] 
 
     path = os.fspath(path)
     obj = _load_file(path, map_location)
+    _check_stored_fields(path, obj)
     prefixed = any(k.startswith("module.") for k in obj["model_state_dict"])
     if obj.get("gfnet_version") is not None:
         origin = "gfnet"
@@ -301,6 +331,9 @@ def read_checkpoint(path, arch: Optional[str] = None, patch_size: Optional[int] 
         raise CheckpointError(f"{path}: its 'fc' entry has neither a GRU classifier (rnn.*, fc.weight) nor a "
                               f"cascade (fc_2.weight, ...); keys: {list(fc)[:6]}")
     num_classes = int(fc["fc.weight" if classifier == "gru" else f"fc_{heads[0]}.weight"].shape[0])
+    if obj.get("classes") is not None and len(obj["classes"]) != num_classes:
+        raise CheckpointError(f"{path}: it names {len(obj['classes'])} classes, but its classifier has {num_classes} "
+                              "outputs")
     why = "the reference's train.py does not store it" if origin == "reference-train" else "not stored"
     arch = _resolve(path, "backbone", "--arch", obj.get("model_name"), arch, why, require)
     stored_P = None if obj.get("patch_size") is None else int(obj["patch_size"])
@@ -325,6 +358,11 @@ def read_checkpoint(path, arch: Optional[str] = None, patch_size: Optional[int] 
             config = get_config(arch, classifier)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
+        # the evaluation geometry the network was trained for, where the file states it (gfnet's own files; a
+        # reference file takes the backbone's): S and the centre-crop fraction of the loaders, the viz and the engine
+        geometry = {k: obj[k] for k in ("image_size", "crop_pct") if obj.get(k) is not None}
+        if geometry:
+            config = config.replace(**geometry)
         if patch_size is not None and obj["policy"] is not None:
             blocks = _policy_blocks(config, strip_module_prefix(obj["policy"]))
             side = -(-patch_size // 32)  # ceil(P / 32): the feature map's side
@@ -424,6 +462,9 @@ _TEMP_RE = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[a-z0-9_]+\
 #: Earlier gfnet builds named their temporary files `.tmp-XXXXXXXX.pth` (no owner in the name: removed
 #: once 10 minutes old).
 _LEGACY_TEMP_RE = re.compile(r"^\.tmp-[a-z0-9_]{8}\.pth$")
+#: Seconds a temporary file must have stood unmodified before a save that holds the run folder's lock removes it
+#: whoever wrote it (another host, a pid this host reuses): a live save writes its file without pauses that long.
+STALE_TEMP_SECONDS = 600
 
 
 def _host_tag() -> str:
@@ -440,12 +481,39 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str) -> list:
+def _process_start_time(pid: int) -> Optional[float]:
+    """When process ``pid`` of this host started (seconds since the epoch), where /proc tells (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        with open("/proc/stat", "rb") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_gone(pid: int, mtime: float) -> bool:
+    """The process of this host that named a temporary file ``pid`` can no longer be writing it: it is gone,
+    or the pid now belongs to a process that started after the file was last written (the pid was reused)."""
+    if not _process_alive(pid):
+        return True
+    started = _process_start_time(pid)
+    return started is not None and started > mtime + 2.0  # slack: the boot time in /proc is whole seconds
+
+
+def remove_stale_temps(folder: str, lock_held: bool = False) -> list:
     """Delete the temporary files that killed :func:`atomic_save` calls left in ``folder``; returns their paths.
 
-    Only gfnet's own names are touched, and only those of processes of this host that are gone (a file of
-    a live writer, or of another host sharing the folder, stays), plus earlier gfnet builds' ``.tmp-*.pth``
-    files once 10 minutes old.
+    Only gfnet's own names (``.NAME.HOST-PID.XXXX.gfnet-tmp``) are touched:
+
+    - a file of this host whose process is gone, or whose pid now belongs to a process that started after the
+      file was last written (a reused pid), is removed at once;
+    - with ``lock_held`` (the caller holds the run folder's lock, :mod:`gfnet.train.run_folder`, so no other
+      gfnet run writes into this folder), any file untouched for :data:`STALE_TEMP_SECONDS` is removed, whatever
+      host wrote it: the killed saves of another node of a multi-node job, which this host cannot ask about;
+    - without the lock, the files of other hosts stay (their writer may be alive);
+    - earlier gfnet builds' ``.tmp-*.pth`` files go once 10 minutes old.
     """
     removed = []
     try:
@@ -453,17 +521,21 @@ def remove_stale_temps(folder: str) -> list:
     except OSError:
         return removed
     host = _host_tag()
+    now = time.time()
     for name in names:
         m = _TEMP_RE.match(name)
-        if m:
-            stale = m.group("host") == host and not _process_alive(int(m.group("pid")))
-        elif _LEGACY_TEMP_RE.match(name):
-            try:
-                stale = time.time() - os.stat(os.path.join(folder, name)).st_mtime > 600
-            except OSError:
-                stale = False
-        else:
+        legacy = m is None and _LEGACY_TEMP_RE.match(name) is not None
+        if m is None and not legacy:
             continue
+        try:
+            mtime = os.stat(os.path.join(folder, name)).st_mtime
+        except OSError:
+            continue
+        old = now - mtime > STALE_TEMP_SECONDS
+        if legacy:
+            stale = old
+        else:
+            stale = (m.group("host") == host and _writer_gone(int(m.group("pid")), mtime)) or (lock_held and old)
         if stale:
             try:
                 os.unlink(os.path.join(folder, name))
@@ -473,16 +545,42 @@ def remove_stale_temps(folder: str) -> list:
     return removed
 
 
+def replaceable_target(path: str) -> str:
+    """The file that an atomic replace of ``path`` writes: ``path`` itself, or the target of the symbolic
+    link(s) it is. Refuses anything else than a regular file or a path that does not exist yet: renaming a
+    new file over a named pipe, a socket or a device file (``/dev/null``, ``/dev/full``) would delete it and
+    leave a regular file in its place; over a folder it would fail half-way.
+
+    Raises:
+        ValueError: the path (or its link's target) exists and is not a regular file.
+    """
+    path = os.fspath(path)
+    target = os.path.realpath(path)
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        via = f" (through the link to {target})" if target != os.path.abspath(path) else ""
+        raise ValueError(f"{path}{via} is {kind}, not a regular file: gfnet writes only regular files (or a "
+                         "symbolic link to one), never over a pipe or a device; give another path")
+    return target
+
+
 class _ErrorKeepingWriter:
-    # torch.save reports a failed write (a full disk) as "unexpected pos ..." with the OSError only in
-    # the exception's context; keeping it lets atomic_save raise the cause itself.
+    # torch.save reports an exception of a write (a full disk's OSError, a Ctrl-C's KeyboardInterrupt that
+    # arrives while its C++ writer calls back into Python) as a RuntimeError "unexpected pos ...", with the
+    # cause only in the exception's context; keeping it lets atomic_save raise the cause itself.
     def __init__(self, f):
         self.f, self.error = f, None
 
     def write(self, data):
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
 
@@ -490,18 +588,34 @@ class _ErrorKeepingWriter:
         return self.f.flush()
 
 
+def _interrupt_behind(error: BaseException) -> Optional[BaseException]:
+    """The KeyboardInterrupt (or SystemExit) that a RuntimeError of torch.save hides: an interrupt that arrives
+    while its zip writer calls back into Python leaves the writer half-way, and closing it then fails with
+    "unexpected pos", the interrupt only in the exception's context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return error
+        error = error.__context__
+    return None
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file.
 
     A symbolic link is written through (the link stays, its target gets the new content); an existing
-    file keeps its permission bits (a 0600 file stays 0600; a new file gets 0666 less the umask). Stale
-    temporary files of killed saves in that folder are removed first (:func:`remove_stale_temps`).
+    file keeps its permission bits (a 0600 file stays 0600; a new file gets 0666 less the umask). Only a
+    regular file is replaced (:func:`replaceable_target`). Stale temporary files of killed saves in that
+    folder are removed first (:func:`remove_stale_temps`). An interrupt (Ctrl-C) while writing removes the
+    temporary file and raises KeyboardInterrupt; the old file stays.
 
     Raises:
         OSError: the write failed; its message names ``path`` and the cause ("No space left on device").
+        ValueError: ``path`` is a named pipe, a device file, a folder (or a link to one).
     """
     path = os.fspath(path)
-    target = os.path.realpath(path)
+    target = replaceable_target(path)
     folder = os.path.dirname(target)
     os.makedirs(folder, exist_ok=True)
     remove_stale_temps(folder)
@@ -516,9 +630,10 @@ def atomic_save(obj: Any, path: str) -> None:
             writer = _ErrorKeepingWriter(f)
             try:
                 torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None
+            except RuntimeError as e:
+                cause = writer.error or _interrupt_behind(e)
+                if cause is not None:
+                    raise cause from None
                 raise
             f.flush()
             os.fsync(f.fileno())
@@ -583,8 +698,12 @@ def checkpoint_dict(net, layout: str = "release", **meta) -> dict:
             obj[k] = fields.pop(k, None)
         # Extras the reference's train.py never reads, so that gfnet needs no --arch/--patch-size/--T.
         obj.update({"model_name": net.arch, "patch_size": net.patch_size})
-    # Our own fields (the reference's code ignores them): T, classes, classifier kind, version, layout.
-    obj.update({"T": net.T, "num_classes": net.num_classes,
+    # Our own fields (the reference's code ignores them): T, classes, classifier kind, version, layout, and the
+    # class folder names that the labels index (training data's; absent where the net was never trained here).
+    if net.meta.get("classes") is not None:
+        obj["classes"] = [str(c) for c in net.meta["classes"]]
+    obj.update({"T": net.T, "num_classes": net.num_classes, "image_size": int(net.config.image_size),
+                "crop_pct": float(net.config.crop_pct),
                 "classifier": "gru" if net.fc.is_rnn else "cascade", "gfnet_version": __version__,
                 "layout": layout, "trained_policy": not no_policy})
     obj.update(fields)

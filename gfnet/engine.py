@@ -29,6 +29,7 @@ Every image's prediction and exit step equal what ``net.anytime_predict`` follow
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections import OrderedDict
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from gfnet._extension import extension
+from gfnet.budget import check_thresholds
 from gfnet.device import device_guard
 from gfnet.models.gfnet import GFNetState
 from gfnet.precision import amp_dtype, autocast
@@ -480,15 +482,7 @@ def _warm_up(plan: _Plan, net, example: torch.Tensor) -> None:
 
 
 def _check_thresholds(thresholds, T: int) -> torch.Tensor:
-    thresholds = torch.as_tensor(thresholds).detach().flatten().cpu()
-    if thresholds.numel() != T:
-        raise ValueError(f"need one threshold per step (T={T}), got {thresholds.numel()}")
-    if not thresholds.is_floating_point():
-        thresholds = thresholds.double()
-    if torch.isnan(thresholds).any():
-        raise ValueError(f"thresholds must not be NaN (a NaN threshold would switch early exit off); got "
-                         f"{thresholds.tolist()}")
-    return thresholds
+    return check_thresholds(thresholds, T, "thresholds")
 
 
 def _setup(net, images_or_loader, batch_size, dtype, device, capacity, cuda_graphs, image_storage):
@@ -504,7 +498,15 @@ def _setup(net, images_or_loader, batch_size, dtype, device, capacity, cuda_grap
     if device != model_device and not (device.type == model_device.type and device.index is None):
         raise ValueError(f"the model lives on {model_device} but device={device}; move it first (net.to(device))")
     device = model_device
-    capacity = net.T * batch_size if capacity is None else int(capacity)
+    if capacity is None:
+        capacity = net.T * batch_size
+    elif isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or \
+            not batch_size <= capacity <= net.T * batch_size:
+        # checked before anything is allocated (a table of 10**9 slots would exhaust the memory): the scheduler needs
+        # a batch's worth of slots, and never fills more than T * batch_size (csrc/scheduler.cpp)
+        raise ValueError(f"capacity must be an int from batch_size to T * batch_size "
+                         f"({batch_size}..{net.T * batch_size}; more slots are never used), got {capacity!r}")
+    capacity = int(capacity)
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     if cuda_graphs and device.type != "cuda":

@@ -120,8 +120,9 @@ class ShardOutputs:
     """Compact anytime outputs of the images one process read (or, gathered, of all of them).
 
     Attributes:
-        max_probs: Tensor[T, N] float32, the max softmax probability after each step.
-        preds: Tensor[T, N] int64, the prediction after each step.
+        max_probs: Tensor[T, N] float32, the max softmax probability after each step (inf where the step's
+            outputs are not finite: such an image exits at once, as in :func:`gfnet.engine.budgeted_predict`).
+        preds: Tensor[T, N] int64, the prediction after each step (-1 where the outputs are not finite).
         targets: Tensor[N] int64 labels.
         indices: Tensor[N] int64, each image's position in the split's file list (the dataset order).
         seconds: wall-clock of the pass (data loading included); gathered: the slowest rank's.
@@ -204,6 +205,9 @@ def collect_shard_outputs(net, loader, dtype=None, limit: Optional[int] = None) 
             images, labels, idx = images[: limit - seen], labels[: limit - seen], idx[: limit - seen]
         probs = net.anytime_predict(images, dtype=dtype).probs
         mp, pr = budget.confidences(probs)
+        invalid = ~torch.isfinite(probs).all(2)  # [T, n]: as budgeted_predict, exit at once and never a class
+        if bool(invalid.any()):
+            mp, pr = mp.masked_fill(invalid, float("inf")), pr.masked_fill(invalid, -1)
         max_probs.append(mp.cpu())
         preds.append(pr.cpu())
         targets.append(torch.as_tensor(labels).reshape(-1).cpu())
@@ -329,6 +333,28 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
         :class:`EvaluationResult`: complete on rank 0; on the other ranks only ``mode``, ``summary``,
         ``dynamic_threshold`` and (with ``real_exit``) ``real_exit`` are filled.
     """
+    # --write replaces the file at the end: hold its run folder's lock meanwhile (a training run writing that
+    # folder would otherwise get its newer epoch overwritten with results of these older weights)
+    lock = _lock_for_write(checkpoint, ctx) if write and eval_mode in (1, 2) else None
+    try:
+        return _evaluate_checkpoint(checkpoint=checkpoint, eval_mode=eval_mode, data=data, batch_size=batch_size,
+                                    device=device, dtype=dtype, train_subset=train_subset, real_exit=real_exit,
+                                    backend=backend, write=write, seed=seed, real_exit_points=real_exit_points,
+                                    num_threads=num_threads, log=log, arch=arch, patch_size=patch_size, T=T, ctx=ctx,
+                                    compile=compile, channels_last=channels_last)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = None, batch_size: int = 64,
+                         device=None, dtype=None, train_subset: Optional[int] = None, real_exit: bool = False,
+                         backend: str = "dali", write: bool = False, seed: int = 0,
+                         real_exit_points: Sequence[int] = DEFAULT_REAL_EXIT_POINTS, num_threads: Optional[int] = None,
+                         log: Optional[Callable[[str], None]] = print, arch: Optional[str] = None,
+                         patch_size: Optional[int] = None, T: Optional[int] = None, ctx=None,
+                         compile: bool = False, channels_last: bool = False) -> EvaluationResult:
+    """:func:`evaluate_checkpoint` without the lock."""
     rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
     main = rank == 0
     say = log if (log is not None and main) else (lambda line: None)
@@ -351,6 +377,13 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
     from gfnet.engine import step_flops
 
     net = load_checkpoint(checkpoint, arch=arch, patch_size=patch_size, T=T)
+    _check_finite_weights(net, checkpoint)
+    stored = net.meta.get("dynamic_threshold")
+    if eval_mode == 1:
+        if stored is None:
+            raise ValueError(f"{checkpoint} stores no dynamic_threshold: run eval mode 2 to fit thresholds first")
+        stored = budget.check_threshold_table(stored, net.T, f"{checkpoint}'s dynamic_threshold")
+    classes = _label_classes(net, data, checkpoint)
     if device is None and ctx is not None and world > 1:
         device = ctx.device
     if device is not None:
@@ -365,11 +398,8 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
     flops = step_flops(net)
     loader_args = dict(batch_size=batch_size, image_size=config.image_size, crop_pct=config.crop_pct,
                        interpolation=config.dataset_interpolation, backend=backend, device=model_device,
-                       num_threads=num_threads, shard_id=rank, num_shards=world)
+                       num_threads=num_threads, shard_id=rank, num_shards=world, classes=classes)
 
-    stored = net.meta.get("dynamic_threshold")
-    if eval_mode == 1 and stored is None:
-        raise ValueError(f"{checkpoint} stores no dynamic_threshold: run eval mode 2 to fit thresholds first")
 
     train = None
     if eval_mode == 2:
@@ -398,9 +428,15 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
         result.anytime_seconds = val.seconds
         result.anytime_images_per_second = val.images_per_second
         result.anytime_classification = _anytime_accuracy(val.confidences, val.targets)
+        for name, outputs in (("training", train), ("validation", val)):
+            invalid = 0 if outputs is None else int((outputs.preds < 0).any(0).sum())
+            if invalid:
+                say(f"warning: {invalid} {name} image(s) gave non-finite outputs (NaN or inf): counted as wrong, "
+                    + ("left out of the threshold fit" if name == "training" else "never as a class"))
+        fit = _finite_outputs(train) if train is not None else None
         thresholds, accuracies, costs = budget.budget_curve(
-            train.confidences if train is not None else None, train.targets if train is not None else None,
-            val.confidences, val.targets, flops, thresholds=None if eval_mode == 2 else torch.as_tensor(stored))
+            fit.confidences if fit is not None else None, fit.targets if fit is not None else None,
+            val.confidences, val.targets, flops, thresholds=None if eval_mode == 2 else stored)
         result.budgeted_batch_classification = [costs, accuracies]
 
         _say_tables(say, f"{net.arch}, patch {net.patch_size}, T={net.T}: {result.num_val} validation images"
@@ -454,6 +490,71 @@ def evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = N
     if ctx is not None:
         ctx.barrier()  # no rank leaves (and closes the group) before rank 0 has written
     return result
+
+
+def _lock_for_write(checkpoint: str, ctx):
+    """The run-folder lock of the folder ``checkpoint`` (its link's target) lies in, taken by rank 0 when that
+    folder is a training run's (it holds the lock file); None otherwise. Every rank learns rank 0's answer.
+
+    Raises:
+        RunFolderBusy: a training run (or another ``--write``) holds it.
+    """
+    from gfnet.train.run_folder import LOCK_NAME, RunFolder, RunFolderBusy
+
+    main = ctx is None or ctx.rank == 0
+    folder, lock, failure = os.path.dirname(os.path.realpath(checkpoint)), None, None
+    if main and os.path.exists(os.path.join(folder, LOCK_NAME)):
+        lock = RunFolder(folder)
+        try:
+            lock.acquire_lock_only(purpose="gfnet-eval --write")
+        except RunFolderBusy as e:
+            lock = None
+            failure = (f"{checkpoint} is in a run folder that is in use ({str(e).split('(', 1)[-1].split(')')[0]}): "
+                       "--write would replace a file that the run rewrites every epoch, with results of older "
+                       "weights; wait until it ends, or evaluate a copy of the file")
+    if ctx is not None and ctx.world_size > 1:
+        failure = ctx.broadcast_object(failure)
+    if failure:
+        raise RunFolderBusy(failure)
+    return lock
+
+
+def _check_finite_weights(net, checkpoint: str) -> None:
+    """Refuse a network with NaN or inf weights before any data is read: every output would be NaN."""
+    bad = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{checkpoint}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}), so "
+                         "the network classifies nothing; evaluate the checkpoint of an epoch that trained finitely")
+
+
+def _label_classes(net, data: str, checkpoint: str) -> list:
+    """The class names that labels index: the checkpoint's (its training split's class folders); for files that
+    name none, ``data/train``'s class folders (``data/val``'s where there is no train/), whose number must be the
+    classifier's."""
+    from gfnet.data import list_classes
+
+    stored = net.meta.get("classes")
+    if stored is not None:
+        return list(stored)
+    split = "train" if os.path.isdir(os.path.join(data, "train")) else "val"
+    found = list_classes(data, split)
+    if len(found) != net.num_classes:
+        raise ValueError(f"{os.path.join(data, split)} holds {len(found)} class folders, but {checkpoint} classifies "
+                         f"{net.num_classes} classes and names none, so labels cannot be matched: evaluate on the data "
+                         "it was trained on")
+    return found
+
+
+def _finite_outputs(outputs: ShardOutputs) -> Optional[ShardOutputs]:
+    """``outputs`` without the images whose outputs were non-finite at some step (prediction -1): thresholds are
+    fitted on confidences only. Raises ValueError when none is left."""
+    keep = (outputs.preds >= 0).all(0)
+    if bool(keep.all()):
+        return outputs
+    if not bool(keep.any()):
+        raise ValueError("every training image gave non-finite outputs (NaN or inf): no threshold can be fitted")
+    return dataclasses.replace(outputs, max_probs=outputs.max_probs[:, keep], preds=outputs.preds[:, keep],
+                               targets=outputs.targets[keep], indices=outputs.indices[keep])
 
 
 def _real_exit_on_shard(net, loader, row, batch_size, dtype, flops, local: ShardOutputs) -> dict:

@@ -10,13 +10,18 @@ CONFIG (a JSON object):
     kill: {"file": "checkpoint.pth.tar" | "model_best.pth.tar", "epoch": E, "phase": "during" | "after"}:
         SIGKILL this process while it saves that file for epoch E: "during" once the temporary file is
         fully written, just before its rename; "after" right after the rename.
+    stop_signals: the signals the trainer stops and saves on (default none; "folder" mode: SIGTERM);
+    pause: {"step": K, "marker": PATH}: see :func:`install_pause` (the test sends a signal meanwhile);
+    mode "cli" runs ``gfnet-train`` with the arguments ``argv`` instead (exit status: the command's).
 
-Only the moment of death is arranged here (by wrapping the save); the kill itself is a real SIGKILL.
+Only the moment of death is arranged here (by wrapping the save); the kill itself is a real SIGKILL. A run
+that a stop signal ended prints its history and exits with the status of gfnet.train.preemption.Preempted.
 """
 import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -62,34 +67,74 @@ def install_kill(kill: dict) -> None:
     checkpoint.os.replace = replace
 
 
+def install_pause(pause: dict) -> None:
+    """After the training step that brings the run's step counter to ``pause["step"]`` (on rank
+    ``pause.get("rank", 0)``), write this process's pid to ``pause["marker"]`` and wait (up to 2 minutes)
+    for the file ``marker + ".sent"``: a test sends its signal from outside meanwhile, at a known step."""
+    from gfnet.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def train_step(self, images, labels):
+        out = real_step(self, images, labels)
+        if self.global_step == pause["step"] and self.ctx.rank == pause.get("rank", 0):
+            marker = pause["marker"]
+            with open(marker + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(marker + ".tmp", marker)
+            deadline = time.monotonic() + 120
+            while not os.path.exists(marker + ".sent") and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return out
+
+    Trainer.train_step = train_step
+
+
 def main(cfg: dict) -> None:
     torch.set_num_threads(1)
     if cfg.get("kill"):
         install_kill(cfg["kill"])
-    import gfnet
-    from gfnet.train import TensorLoader, Trainer, TrainOptions, train_imagefolder
+    if cfg.get("pause"):
+        install_pause(cfg["pause"])
+    if cfg["mode"] == "cli":
+        from gfnet.cli.train import main as gfnet_train
+
+        sys.exit(gfnet_train(cfg["argv"]))
+    from gfnet.train import TrainOptions
+    from gfnet.train.preemption import Preempted
 
     options = TrainOptions(stage=1, epochs=cfg["epochs"], backbone_lr=cfg.get("lr", 0.05), fc_lr=cfg.get("lr", 0.05),
                            train_global=True, progress=False, seed=cfg.get("seed", 0), batch_size=BATCH)
-    if cfg["mode"] == "folder":
-        history = train_imagefolder(cfg["data"], "test_efficientnet", P, 2, 1, cfg["out"], options,
-                                    resume=cfg.get("resume"), backend=cfg.get("backend", "torchvision"),
-                                    workers=cfg.get("workers", 2), device="cpu", validate=False)
-    else:
-        torch.manual_seed(cfg.get("init_seed", 0))
-        net = gfnet.build_model("test_efficientnet", patch_size=P, T=T, num_classes=CLASSES)
-        images, labels = learnable_task()
-        loader = TensorLoader(images, labels, BATCH, train=True, seed=cfg.get("seed", 0))
-
-        def dump(trainer, record):
-            if cfg.get("dump"):
-                os.makedirs(cfg["dump"], exist_ok=True)
-                torch.save({k: v.clone() for k, v in trainer.net.state_dict().items()},
-                           os.path.join(cfg["dump"], f"epoch{record['epoch']}.pt"))
-
-        trainer = Trainer(net, options, out_dir=cfg["out"])
-        history = trainer.fit(loader, resume=cfg.get("resume"), callbacks=[dump])
+    try:
+        history = train(cfg, options)
+    except Preempted as e:
+        print(json.dumps({"stopped": str(e)}))
+        sys.exit(e.exit_status)
     print(json.dumps([{"epoch": r["epoch"], "acc": r["acc"]} for r in history]))
+
+
+def train(cfg: dict, options) -> list:
+    import gfnet
+    from gfnet.train import TensorLoader, Trainer, train_imagefolder
+
+    if cfg["mode"] == "folder":
+        return train_imagefolder(cfg["data"], "test_efficientnet", P, 2, 1, cfg["out"], options,
+                                 resume=cfg.get("resume"), backend=cfg.get("backend", "torchvision"),
+                                 workers=cfg.get("workers", 2), device="cpu", validate=False,
+                                 stop_signals=cfg.get("stop_signals", ["SIGTERM"]))
+    torch.manual_seed(cfg.get("init_seed", 0))
+    net = gfnet.build_model("test_efficientnet", patch_size=P, T=T, num_classes=CLASSES)
+    images, labels = learnable_task()
+    loader = TensorLoader(images, labels, BATCH, train=True, seed=cfg.get("seed", 0))
+
+    def dump(trainer, record):
+        if cfg.get("dump"):
+            os.makedirs(cfg["dump"], exist_ok=True)
+            torch.save({k: v.clone() for k, v in trainer.net.state_dict().items()},
+                       os.path.join(cfg["dump"], f"epoch{record['epoch']}.pt"))
+
+    trainer = Trainer(net, options, out_dir=cfg["out"], stop_signals=cfg.get("stop_signals", []))
+    return trainer.fit(loader, resume=cfg.get("resume"), callbacks=[dump])
 
 
 if __name__ == "__main__":

@@ -95,3 +95,27 @@ def test_bench_settings_reach_the_suite_and_are_checked():
         _settings(["images=3"], "budget", bench_budget)
     with pytest.raises(UsageError, match="NAME=VALUE"):
         _settings(["num_images"], "budget", bench_budget)
+
+
+def _perf_suite(*args):
+    """Run the pytest-benchmark suite (bench/perf) in a subprocess with benchmarks disabled: each
+    benchmark's function runs once, after its output check."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "pytest", "bench/perf", "-q", "-p", "no:cacheprovider",
+                           "--benchmark-disable", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_perf_suite_runs_and_refuses_a_wrong_kernel():
+    """The regression suite of CONTRIBUTING runs (every kernel and one step of each mode, once), and a
+    kernel that is fast but wrong fails it before it is timed."""
+    ok = _perf_suite()
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-2000:]
+    assert "11 passed" in ok.stdout
+    broken = _perf_suite("-p", "perf_fault_plugin", "-k", "test_focus_crop and not bilinear")
+    assert broken.returncode == 1 and "2 failed" in broken.stdout, broken.stdout[-3000:]
+    assert "Mismatched elements: 1 /" in broken.stdout

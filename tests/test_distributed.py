@@ -235,6 +235,48 @@ def test_elastic_restart_after_a_killed_worker_equals_uninterrupted_run(train_tr
     _assert_same_training(one_node_run, os.path.join(out, "checkpoint.pth.tar"))
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(train_tree, one_node_run,
+                                                                                    tmp_path):
+    """SIGTERM sent to rank 1 alone in the middle of epoch 2: both ranks finish the same step, rank 0 writes
+    mid_epoch.pth.tar with every rank's state, both exit with status 143; ``--resume auto`` continues the
+    epoch there and the finished run equals the uninterrupted one bit for bit."""
+    out = str(tmp_path / "run")
+    marker, status = str(tmp_path / "paused"), str(tmp_path / "status")
+    env = {"GFNET_TEST_PAUSE_RANK": "1", "GFNET_TEST_PAUSE_STEP": str(STEPS_PER_EPOCH + 1),
+           "GFNET_TEST_PAUSE_MARKER": marker, "GFNET_TEST_STATUS": status}
+    proc = _torchrun(_free_port(), 2, [HERE, "train", "--data", train_tree, "--out", out] + TRAIN_COMMON, env=env)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.exists(marker):  # rank 1 waits after its step 5 (the second of epoch 2) for the signal
+        with open(marker) as f:
+            os.kill(int(f.read()), signal.SIGTERM)
+        open(marker + ".sent", "w").close()
+    proc.wait(timeout=LAUNCH_TIMEOUT_S)
+    proc.log.seek(0)
+    log = proc.log.read()
+    assert os.path.exists(marker), f"rank 1 never reached its pause:\n{log[-4000:]}"
+    statuses = {}
+    for rank in (0, 1):
+        with open(f"{status}.{rank}") as f:
+            statuses[rank] = int(f.read())
+    assert statuses == {0: 143, 1: 143}, log[-4000:]
+    mid = torch.load(os.path.join(out, "mid_epoch.pth.tar"), weights_only=True)
+    state = mid["train_state"]
+    # the signal came after step 5; every rank stopped after step 6 (the vote travels with the next step)
+    assert mid["epoch"] == 1 and state["global_step"] == STEPS_PER_EPOCH + 2
+    assert state["mid_epoch"]["step"] == 2 and state["mid_epoch"]["world_size"] == 2
+    assert [p["steps_done"] for p in state["mid_epoch"]["processes"]] == [2, 2]
+    assert len(state["rng"]) == 2
+    assert torch.load(os.path.join(out, "checkpoint.pth.tar"), weights_only=True)["epoch"] == 1
+    _run(_free_port(), 2, ["-m", "gfnet.cli.train", "--data", train_tree, "--out", out] + TRAIN_COMMON,
+         "the resumed run")
+    with open(os.path.join(out, "train.log")) as f:
+        assert "epoch 2 continues after step 2" in f.read()
+    assert not os.path.exists(os.path.join(out, "mid_epoch.pth.tar"))
+    _assert_same_training(one_node_run, os.path.join(out, "checkpoint.pth.tar"))
+
+
 def test_resume_auto_starts_fresh_in_an_empty_folder(train_tree, tmp_path):
     from gfnet.train.run_folder import RunFolder
 
@@ -272,9 +314,19 @@ def _gather_worker(checkpoint: str, tree: str, dump: str) -> int:
 def _train_worker(argv: list) -> int:
     """gfnet-train, with a real fault when asked: on the first attempt (TORCHELASTIC_RESTART_COUNT=0) rank
     GFNET_TEST_KILL_RANK sends itself SIGKILL before its step GFNET_TEST_KILL_STEP (0-based, counted over
-    the run)."""
+    the run). Rank GFNET_TEST_PAUSE_RANK pauses after step GFNET_TEST_PAUSE_STEP for a signal from the test
+    (tests/fault_runner.py's install_pause, marker GFNET_TEST_PAUSE_MARKER); with GFNET_TEST_STATUS each rank
+    writes its exit status to that path + "." + rank."""
     from gfnet.cli.train import main
     from gfnet.train.trainer import Trainer
+
+    if os.environ.get("GFNET_TEST_PAUSE_STEP"):
+        sys.path.insert(0, os.path.dirname(HERE))
+        from fault_runner import install_pause
+
+        env = os.environ
+        install_pause({"step": int(env["GFNET_TEST_PAUSE_STEP"]), "rank": int(env["GFNET_TEST_PAUSE_RANK"]),
+                       "marker": env["GFNET_TEST_PAUSE_MARKER"]})
 
     kill_step = os.environ.get("GFNET_TEST_KILL_STEP")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -290,7 +342,11 @@ def _train_worker(argv: list) -> int:
             return real_step(self, images, labels)
 
         Trainer.train_step = train_step
-    return main(argv)
+    status = main(argv)
+    if os.environ.get("GFNET_TEST_STATUS"):
+        with open(f"{os.environ['GFNET_TEST_STATUS']}.{os.environ['RANK']}", "w") as f:
+            f.write(str(status))
+    return status
 
 
 def _worker_main(argv: list) -> int:

@@ -77,53 +77,78 @@ def options(**kw):
 
 
 # ---------------------------------------------------------------- kills at any moment of a save
+def improving_epochs(accs: list) -> list:
+    """The epochs (1-based) whose accuracy beats every earlier one: those that write model_best."""
+    return [e for e in range(1, len(accs) + 1) if accs[e - 1] > max([0.0] + accs[:e - 1])]
+
+
+def kill_points(accs: list) -> tuple:
+    """(a, b, c) for the test below, taken from a run's own accuracies (another CPU's float rounding trains
+    the task along another trajectory): a < b improving epochs after the first (a kill while the best
+    file of a is written, then between the best file and the checkpoint of b) and c > b an epoch that does
+    not improve (a kill while its checkpoint is written)."""
+    improving = improving_epochs(accs)
+    for a in improving[1:]:  # an improving epoch before a: the folder holds a best file when a is killed
+        for b in (e for e in improving if e > a):
+            for c in (e for e in range(b + 1, len(accs) + 1) if e not in improving):
+                return a, b, c
+    raise AssertionError(f"the straight run's accuracies {accs} hold no two improving epochs after the first "
+                         "followed by one that does not improve: the task no longer trains as this test needs")
+
+
 def test_best_model_survives_kills_at_every_point_of_a_save(tmp_path):
     """Kill a run while it writes the best file, between the best file and the checkpoint, and while it
     writes the checkpoint; after each kill model_best holds the best finished epoch, the next run cleans
-    the temporary file up and resumes, and the end result is bit-identical to an uninterrupted run."""
-    straight = run_training({"mode": "tensor", "out": str(tmp_path / "straight"), "epochs": 6,
+    the temporary file up and resumes, and the end result is bit-identical to an uninterrupted run. The
+    epochs of the kills come from the uninterrupted run's own accuracies."""
+    epochs = 6
+    straight = run_training({"mode": "tensor", "out": str(tmp_path / "straight"), "epochs": epochs,
                              "dump": str(tmp_path / "dump")})
     accs = [r["acc"] for r in straight]
-    improving = [e for e in range(1, 7) if accs[e - 1] > max([0.0] + accs[:e - 1])]
-    assert improving[:3] == [1, 2, 3] and 4 not in improving, accs  # what the kill points below rely on
-    dumped = {e: torch.load(tmp_path / "dump" / f"epoch{e}.pt", weights_only=True) for e in range(1, 7)}
+    a, b, c = kill_points(accs)
+    improving = improving_epochs(accs)
+
+    def best_until(epoch):  # the epoch model_best holds once `epoch` epochs are finished
+        return max(e for e in improving if e <= epoch)
+
+    dumped = {e: torch.load(tmp_path / "dump" / f"epoch{e}.pt", weights_only=True) for e in range(1, epochs + 1)}
     out = tmp_path / "killed"
-    cfg = {"mode": "tensor", "out": str(out), "epochs": 6}
+    cfg = {"mode": "tensor", "out": str(out), "epochs": epochs}
 
     def check_best():
         finished = max(epoch_of(out / CKPT), epoch_of(out / BEST))
         expect = max(range(1, finished + 1), key=lambda e: (accs[e - 1], -e))
-        assert epoch_of(out / BEST) == expect
+        assert epoch_of(out / BEST) == expect == best_until(finished), accs
         assert same_weights(state_of(out / BEST), dumped[expect])
 
-    # 1. while writing the best file of epoch 2: the folder stays as after epoch 1, plus a temporary file
-    run_training({**cfg, "kill": {"file": BEST, "epoch": 2, "phase": "during"}}, expect_kill=True)
-    assert epoch_of(out / CKPT) == epoch_of(out / BEST) == 1 and len(temps(out)) == 1
+    # 1. while writing the best file of epoch a: the folder stays as after epoch a - 1, plus a temporary file
+    run_training({**cfg, "kill": {"file": BEST, "epoch": a, "phase": "during"}}, expect_kill=True)
+    assert (epoch_of(out / CKPT), epoch_of(out / BEST)) == (a - 1, best_until(a - 1)) and len(temps(out)) == 1
     check_best()
-    # 2. resumed (auto), killed between the best file and the checkpoint of epoch 3
-    run_training({**cfg, "resume": "auto", "kill": {"file": BEST, "epoch": 3, "phase": "after"}},
+    # 2. resumed (auto), killed between the best file and the checkpoint of epoch b
+    run_training({**cfg, "resume": "auto", "kill": {"file": BEST, "epoch": b, "phase": "after"}},
                  expect_kill=True)
     assert temps(out) == []  # the first kill's temporary file was removed
-    assert (epoch_of(out / CKPT), epoch_of(out / BEST)) == (2, 3)
+    assert (epoch_of(out / CKPT), epoch_of(out / BEST)) == (b - 1, b)
     check_best()
     from gfnet.train.run_folder import RunFolder
 
     assert RunFolder(str(out)).resolve_resume("auto") == str(out / BEST)  # auto takes the newer state
     # 3. resumed from the older checkpoint by path (it adopts the newer best file), killed while writing
-    #    the checkpoint of epoch 4 (not an improving epoch)
-    run_training({**cfg, "resume": str(out / CKPT), "kill": {"file": CKPT, "epoch": 4, "phase": "during"}},
+    #    the checkpoint of epoch c (not an improving epoch)
+    run_training({**cfg, "resume": str(out / CKPT), "kill": {"file": CKPT, "epoch": c, "phase": "during"}},
                  expect_kill=True)
-    assert (epoch_of(out / CKPT), epoch_of(out / BEST)) == (3, 3) and len(temps(out)) == 1
+    assert (epoch_of(out / CKPT), epoch_of(out / BEST)) == (c - 1, best_until(c - 1)) and len(temps(out)) == 1
     check_best()
     # 4. resumed to the end
     final = run_training({**cfg, "resume": "auto"})
     assert [r["acc"] for r in final] == accs
     assert temps(out) == []
-    assert same_weights(state_of(out / CKPT), dumped[6])
+    assert same_weights(state_of(out / CKPT), dumped[epochs])
     assert same_weights(state_of(out / CKPT), state_of(tmp_path / "straight" / CKPT))
     assert same_weights(state_of(out / BEST), state_of(tmp_path / "straight" / BEST))
     best = torch.load(out / BEST, weights_only=True)
-    assert best["train_state"]["best_epoch"] == best["epoch"] == 3
+    assert best["train_state"]["best_epoch"] == best["epoch"] == best_until(epochs)
 
 
 @pytest.mark.parametrize("workers", [2])

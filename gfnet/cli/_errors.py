@@ -8,7 +8,9 @@ into one line on stderr, ``gfnet-<cmd>: error: <message>``, and an exit status:
   :class:`gfnet.checkpoint.CheckpointError` included), missing files, files where folders belong;
 - 1: a runtime failure of a valid request: a full disk, a read-only or vanished folder, a training run
   that diverged, a run folder locked by another run, a missing optional dependency;
-- 130: interrupted (Ctrl-C).
+- 130: interrupted (Ctrl-C);
+- 128 + N: a training run stopped by signal N after saving its state (143 for SIGTERM; see
+  :mod:`gfnet.train.preemption`): the scheduler requeues it, ``--resume auto`` continues it.
 
 Anything else is a bug of gfnet and keeps its traceback. ``GFNET_DEBUG=1`` shows the traceback of the
 one-line errors too.
@@ -29,7 +31,7 @@ import tempfile
 from typing import Callable
 
 __all__ = ["UsageError", "run_command", "parse_device", "prepare_output_dir", "check_writable_file",
-           "positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "describe_os_error"]
+           "positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "int_between", "describe_os_error"]
 
 
 class UsageError(ValueError):
@@ -60,9 +62,18 @@ def _runtime_errors() -> tuple:
     return tuple(kinds)
 
 
-def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "") -> int:
+def _preempted() -> tuple:
+    try:
+        from gfnet.train.preemption import Preempted
+    except ImportError:
+        return ()
+    return (Preempted,)
+
+
+def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "", quiet_stop: bool = False) -> int:
     """Run ``body()`` (a command's work) under the convention of the module docstring; its exit status.
-    ``on_interrupt`` is added to the message of a Ctrl-C (what the user can do next)."""
+    ``on_interrupt`` is added to the message of a Ctrl-C (what the user can do next); ``quiet_stop``: a
+    run stopped by a signal exits with its status without a line (the processes of a job but one)."""
     debug = os.environ.get("GFNET_DEBUG", "") not in ("", "0")
     # A log file that cannot be written (a full disk) must not print a traceback per record.
     logging.raiseExceptions = debug
@@ -78,6 +89,10 @@ def run_command(prog: str, body: Callable[[], int], on_interrupt: str = "") -> i
         return body()
     except KeyboardInterrupt:
         return fail("interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), 130)
+    except _preempted() as e:  # not an error: the state is saved, the scheduler is told to requeue
+        if not quiet_stop:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_status
     except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         return fail(describe_os_error(e) if e.filename else str(e), 2)
     except OSError as e:
@@ -138,15 +153,29 @@ def prepare_output_dir(path: str, what: str = "--out") -> str:
     return path
 
 
+#: Bytes the write probe writes (and fsyncs, then removes): enough to need real disk blocks, so that a full
+#: disk or quota fails the check, as creating an empty file does not.
+PROBE_BYTES = 64 * 1024
+
+
 def _probe_write(folder: str, what: str, shown: str) -> None:
-    # A real write, not os.access: it also catches read-only mounts and full disks (as root, os.access
-    # says yes to everything).
+    # A real write of real bytes, not os.access: it also catches read-only mounts and full disks (as root,
+    # os.access says yes to everything; an empty file needs no free block).
+    probe = None
     try:
         fd, probe = tempfile.mkstemp(prefix=".gfnet-write-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"\0" * PROBE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())  # network file systems may report a full disk only here
     except OSError as e:
         raise OSError(e.errno, f"{what} is not writable: {e.strerror}", shown) from None
+    finally:
+        if probe is not None:
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
 
 
 def check_writable_file(path: str, what: str = "file") -> str:
@@ -168,7 +197,7 @@ def check_writable_file(path: str, what: str = "file") -> str:
 
 
 # ---------------------------------------------------------------- argparse types
-def _number(kind, low, inclusive: bool, name: str):
+def _number(kind, low, inclusive: bool, name: str, high=None):
     def parse(text: str):
         try:
             value = kind(text)
@@ -178,6 +207,8 @@ def _number(kind, low, inclusive: bool, name: str):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low or (not inclusive and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
         return value
     parse.__name__ = name
     return parse
@@ -191,3 +222,8 @@ nonnegative_int = _number(int, 0, True, "an integer >= 0")
 positive_float = _number(float, 0.0, False, "a number > 0")
 #: argparse ``type=`` for weights that must be finite and >= 0 (weight decay, loss ratios).
 nonnegative_float = _number(float, 0.0, True, "a number >= 0")
+
+
+def int_between(low: int, high: int):
+    """argparse ``type=`` for an integer in [low, high] (e.g. a JPEG quality, 1..100)."""
+    return _number(int, low, True, f"an integer from {low} to {high}", high)

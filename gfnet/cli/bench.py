@@ -78,6 +78,26 @@ def main(argv=None) -> int:
     return run_command("gfnet-bench", lambda: _bench(args))
 
 
+#: ``--set`` keywords that are counts or sizes: whole numbers >= 1 (a list of them where a suite takes several),
+#: with an upper bound where one exists (budget points p, q = p / 20, 1..39). Checked before any suite runs.
+_COUNTS = {"batch_size": None, "num_images": None, "repeats": None, "image_size": None, "patch_size": None,
+           "T": None, "images": None, "processes": None, "points": 39}
+_LISTS = ("points", "processes")
+
+
+def _check_setting(key: str, value, text: str) -> None:
+    if key not in _COUNTS:
+        return
+    values = list(value) if key in _LISTS and isinstance(value, (list, tuple)) else [value]
+    high = _COUNTS[key]
+    bad = not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 or (high is not None and v > high)
+                            for v in values)
+    if bad:
+        what = f"whole numbers from 1 to {high}" if high else "a whole number >= 1"
+        raise UsageError(f"--set {key}={text}: {key} must be {what}" + (" (one, or a comma list)" if key in _LISTS
+                                                                           else ""))
+
+
 def _settings(pairs, name: str, module) -> dict:
     """The ``--set NAME=VALUE`` pairs as keywords of ``module.run`` (checked against its signature)."""
     import ast
@@ -95,6 +115,7 @@ def _settings(pairs, name: str, module) -> dict:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             out[key] = text
+        _check_setting(key, out[key], text)
     return out
 
 

@@ -3,16 +3,21 @@
 Builds the cluttered-digits task from scikit-learn's handwritten digits, trains a small backbone through
 the three stages, evaluates anytime and budgeted accuracy and the learned policy against random patch
 positions, and writes a report folder (logic: :mod:`gfnet.demo`).
+
+Exit status: 0 when the run shows the method (step T beats the glance and the learned policy beats random
+patches, each by the configured margin), 3 when it finished without showing it (said on stderr and in
+results.json's ``verdict``), 2 for bad arguments, 1 for a failure at run time.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
-from gfnet.cli._errors import nonnegative_int, prepare_output_dir, run_command
+from gfnet.cli._errors import UsageError, nonnegative_int, prepare_output_dir, run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -31,8 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of training and evaluation: none = fp32 (default; the numbers README quotes), "
                         "bf16 = bf16 autocast throughout (faster on CPUs with native bf16 units; its measured "
                         "accuracy effect: bench/results/demo_bf16_cpu.md)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let this run replace what --out holds (by default a folder that is not empty is refused, "
+                        "so that an earlier demo's results are never lost)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+#: Exit status of a run that finished but did not show the method (results.json: "verdict": "not shown").
+NOT_SHOWN = 3
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -44,6 +56,10 @@ def _demo(args) -> int:
     from gfnet.demo import QUICK, DemoConfig, run_demo
 
     prepare_output_dir(args.out)
+    held = sorted(os.listdir(args.out))
+    if held and not args.overwrite:
+        raise UsageError(f"--out {args.out} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
+                         "choose a new folder, or pass --overwrite to replace an earlier demo there")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
@@ -58,10 +74,20 @@ def _demo(args) -> int:
           f"{results['threads']} thread(s), {results['precision']}:")
     print("  anytime accuracy, learned policy:  " + " -> ".join(f"{a:.1f}%" for a in learned))
     print("  anytime accuracy, random patches:  " + " -> ".join(f"{a:.1f}%" for a in rand))
-    for name, claim in results["claims"].items():
-        print(f"  {name}: {claim}")
+    claims = results["claims"]
+    print(f"  accuracy after T steps vs the glance:         {claims['accuracy_after_T_steps_vs_glance']}")
+    print(f"  learned policy vs random patches at step T:  {claims['learned_policy_vs_random_patches_at_T']}")
+    if results.get("baseline"):
+        b = results["baseline"]
+        print(f"  {config.arch} alone at full resolution:         {b['acc']:.1f}% at {b['macs'] / 1e6:.1f} MMACs "
+              f"(GFNet, all {config.T} steps: {results['flops'][-1] / 1e6:.1f} MMACs)")
     print(f"report: {args.out} (results.json, {', '.join(results['figures']) or 'no figures'})")
-    return 0
+    if results["verdict"] == "shown":
+        print(f"method shown: both gains are at least {claims['min_gain_points']:g} points")
+        return 0
+    print(f"gfnet-demo: warning: method NOT shown: each gain must be at least {claims['min_gain_points']:g} points "
+          f"(results.json verdict 'not shown'); exit status {NOT_SHOWN}", file=sys.stderr)
+    return NOT_SHOWN
 
 
 if __name__ == "__main__":

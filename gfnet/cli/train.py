@@ -7,6 +7,9 @@ Continue a stage: gfnet-train ... --stage 2 --checkpoint runs/s1/model_best.pth.
 Resume a run:     gfnet-train ...same arguments... --resume auto      (or --resume runs/s2/checkpoint.pth.tar)
 Elastic:          torchrun --nproc-per-node 8 --max-restarts 3 -m gfnet.cli.train ... --resume auto
                   (a lost worker restarts the job from the last finished epoch)
+Preemption:       on SIGTERM (and the --requeue-signal) every process finishes its step, the run saves
+                  --out/mid_epoch.pth.tar and exits with status 128 + the signal's number (143 for
+                  SIGTERM, 138 for SIGUSR1): requeue it with --resume auto, which continues the epoch there.
 
 --checkpoint and --resume read any GFNet checkpoint: gfnet's, the reference's released files and the
 reference train.py's own (which name no backbone, patch size or T: give --arch, --patch-size, --T).
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gfnet-train or the reference's train.py)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run that --out already holds (its checkpoint.pth.tar and "
-                        "model_best.pth.tar are deleted); without it such a folder is refused")
+                        "model_best.pth.tar are moved aside, deleted once the new run has written its first "
+                        "checkpoint and put back if it stops before); without it such a folder is refused")
     p.add_argument("--save-layout", choices=("release", "reference-train"), default="release",
                    help="checkpoint layout: release (module.-prefixed; the reference's inference.py and "
                         "gfnet-eval) or reference-train (what the reference's train.py continues from)")
@@ -99,21 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="have the loader normalise to float (default: uint8, normalised by the fused ops)")
     r.add_argument("--no-val", action="store_true", help="skip the per-epoch validation")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--requeue-signal", choices=("USR1", "USR2"), action="append", default=[],
+                   help="also stop and save on this signal, as on SIGTERM (SLURM's --signal=USR1@SECONDS warns "
+                        "of the time limit with it); the exit status is then 128 + its number (USR1: 138)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command("gfnet-train", lambda: _train(args),
-                       on_interrupt=f"{args.out} keeps the last finished epoch: continue with --resume auto")
+                       on_interrupt=f"{args.out} keeps the last finished epoch: continue with --resume auto",
+                       quiet_stop=int(os.environ.get("RANK", "0")) != 0)
 
 
 def _train(args) -> int:
     from gfnet.train import TrainOptions, train_imagefolder
+    from gfnet.train.session import check_out_outside_data
 
     parse_device(args.device)
     if args.overwrite and args.resume == "auto":
         raise ValueError("--resume auto continues the run in --out; --overwrite replaces it: give one of them")
+    check_out_outside_data(args.data, args.out)  # before the folder is made: inside train/ it would be a class
     prepare_output_dir(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -139,7 +149,8 @@ def _train(args) -> int:
         args.data, args.arch, args.patch_size, args.T, args.stage, args.out, options,
         init_global=args.init_global, init_local=args.init_local, checkpoint=args.checkpoint,
         resume=args.resume, backend=args.backend, workers=args.workers, device=args.device,
-        validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite)
+        validate=not args.no_val, uint8=not args.float_input, overwrite=args.overwrite,
+        stop_signals=("SIGTERM", *args.requeue_signal))
     if history and int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process
         last = history[-1]
         acc = last.get("val_acc", last["train_acc"])

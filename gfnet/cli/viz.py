@@ -95,8 +95,8 @@ def _patches(args) -> int:
     if args.class_names:
         with open(args.class_names) as f:
             class_names = [line.strip() for line in f if line.strip()]
-    elif net.meta.get("class_names"):
-        class_names = list(net.meta["class_names"])
+    elif net.meta.get("class_names") or net.meta.get("classes"):  # display names, else the class folders
+        class_names = list(net.meta.get("class_names") or net.meta["classes"])
     if args.labels is not None and len(args.labels) != len(files):
         raise ValueError(f"{len(args.labels)} labels for {len(files)} images")
     titles = [os.path.basename(f) for f in files]
@@ -114,14 +114,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_command("gfnet-viz", lambda: _run(args))
 
 
-def _prepare_out(path: str, folder_allowed: bool = False) -> None:
+def _writable_formats(command: str) -> dict:
+    """{".ext": format name} that ``command`` can write: PIL's image formats for ``patches``, matplotlib's for
+    ``budget`` (others: no restriction checked here)."""
+    if command == "patches":
+        from PIL import Image
+
+        Image.init()
+        return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if command == "budget":
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        return {"." + ext: name for ext, name in FigureCanvasBase.get_supported_filetypes().items()}
+    return {}
+
+
+def _prepare_out(path: str, folder_allowed: bool = False, command: str = "") -> None:
     """Check, before the work, that ``path`` (a file to write, or for ``bench`` maybe a folder) can be
-    written; create its missing folders unless they would start at the filesystem root."""
+    written in a format the command writes; create its missing folders unless they would start at the
+    filesystem root."""
     if folder_allowed and (os.path.isdir(path) or not os.path.splitext(path)[1]):
         prepare_output_dir(path)
         return
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a folder; give a file name")
+    formats = _writable_formats(command)
+    ext = os.path.splitext(path)[1].lower()
+    if formats and ext not in formats:
+        usual = ".png" if command == "patches" else ".png, .svg or .pdf"
+        raise ValueError(f"--out {path}: gfnet-viz {command} cannot write "
+                         + (f"'{ext}' files" if ext else "a file without an extension (the format comes from it)")
+                         + f"; use {usual}")
     prepare_output_dir(os.path.dirname(os.path.abspath(path)), "--out's folder")
 
 
@@ -133,7 +156,7 @@ def _run(args) -> int:
             raise FileNotFoundError(2, "no such demo folder (gfnet-demo --out writes one)", args.demo_dir)
         prepare_output_dir(args.demo_dir, "the report folder")
     else:
-        _prepare_out(args.out, folder_allowed=args.command == "bench")
+        _prepare_out(args.out, folder_allowed=args.command == "bench", command=args.command)
     if args.command == "patches":
         return _patches(args)
     if args.command == "budget":

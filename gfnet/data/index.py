@@ -1,7 +1,10 @@
 """Index an ImageNet-layout split (``root/<split>/<class>/<image>``) once, validate it, cache the result.
 
 Labels follow torchvision's ImageFolder: a class's label is the position of its folder among the
-split's sorted class folders, and files are ordered by class, then by name. Only the images directly
+split's sorted class folders, and files are ordered by class, then by name. A caller that knows the
+model's classes (the training split's, stored in its checkpoint) passes them as ``classes``: labels
+then index that list, whatever folders the split lacks, and a split that holds a class folder the
+list does not name is refused by name (its images have no label the model knows). Only the images directly
 inside a class folder are read (ImageFolder also walks subfolders; ImageNet has none). Unlike
 ImageFolder, an empty class folder is allowed: it keeps its label (so that the labels of a partial
 tree, e.g. a validation subset, still match a model trained on all classes) and is reported with a
@@ -41,11 +44,13 @@ class SplitIndex:
 
     Attributes:
         split_dir: the split folder (``root/<split>``).
-        classes: sorted class folder names; ``labels`` index into it.
+        classes: the class names that ``labels`` index: the split's sorted class folders, or the list the
+            caller gave (:func:`index_split`'s ``classes``).
         files: absolute paths of the valid images, sorted by class then file name.
         labels: class index of each file in ``files``.
         skipped: (path, reason) of every image-named file that is not a whole, decodable image.
-        empty_classes: class folders that hold no valid image (still counted in ``classes``).
+        empty_classes: classes that hold no valid image in this split (their folder is empty, broken or
+            missing; still counted in ``classes``).
     """
 
     split_dir: str
@@ -76,21 +81,12 @@ def cache_path(split_dir: str, cache_dir: str | None = None) -> str:
     return os.path.join(cache_dir or default_cache_dir(), f"index-{name}-{key}.json")
 
 
-def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = None,
-                refresh: bool = False, use_cache: bool = True, workers: int | None = None) -> SplitIndex:
-    """List and validate ``root/<split>``, reusing the cached index of unchanged class folders.
-
-    Args:
-        root: dataset root holding ``train/`` and ``val/`` (ImageNet layout).
-        split: split folder name, e.g. ``"train"`` or ``"val"``.
-        cache_dir: where to keep the index (default :func:`default_cache_dir`).
-        refresh: ignore the cache and validate every file again.
-        use_cache: read and write the cache at all (False: validate every time, write nothing).
-        workers: threads that validate files (default ``min(32, 4 * cpu_count)``; the checks read files).
+def list_classes(root: str | os.PathLike, split: str) -> list[str]:
+    """The sorted class folder names of ``root/<split>`` (hidden folders left out), without reading any image.
 
     Raises:
         FileNotFoundError: the root or the split folder does not exist (the message names it).
-        ValueError: the split holds no class folder, or no valid image.
+        ValueError: the split holds no class folder.
     """
     root = os.path.abspath(os.fspath(root))  # the file list must not depend on the working directory
     if not os.path.isdir(root):
@@ -108,13 +104,74 @@ def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = Non
     if not classes:
         raise ValueError(f"split folder {split_dir!r} holds no class folder; the layout must be "
                          f"{split_dir}/<class>/<image>")
+    return classes
+
+
+def class_list_difference(expected, found) -> str:
+    """How class list ``found`` differs from ``expected`` (both lists of names), in words; "" when they are equal
+    (same names in the same order)."""
+    expected, found = [str(c) for c in expected], [str(c) for c in found]
+    if expected == found:
+        return ""
+    extra = [c for c in found if c not in set(expected)]
+    missing = [c for c in expected if c not in set(found)]
+
+    def names(items):
+        return ", ".join(repr(c) for c in items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+    parts = []
+    if extra:
+        parts.append(f"{len(extra)} unknown class folder(s) {names(extra)}")
+    if missing:
+        parts.append(f"{len(missing)} class(es) missing: {names(missing)}")
+    if not parts:
+        parts.append("the same names in another order")
+    return "; ".join(parts)
+
+
+def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = None,
+                refresh: bool = False, use_cache: bool = True, workers: int | None = None,
+                classes=None) -> SplitIndex:
+    """List and validate ``root/<split>``, reusing the cached index of unchanged class folders.
+
+    Args:
+        root: dataset root holding ``train/`` and ``val/`` (ImageNet layout).
+        split: split folder name, e.g. ``"train"`` or ``"val"``.
+        cache_dir: where to keep the index (default :func:`default_cache_dir`).
+        refresh: ignore the cache and validate every file again.
+        use_cache: read and write the cache at all (False: validate every time, write nothing).
+        workers: threads that validate files (default ``min(32, 4 * cpu_count)``; the checks read files).
+        classes: the class names that labels index (e.g. the training split's, as the model's checkpoint stores
+            them); None: the split's own sorted class folders. A class without a folder in the split keeps its
+            label (listed in ``empty_classes``).
+
+    Raises:
+        FileNotFoundError: the root or the split folder does not exist (the message names it).
+        ValueError: the split holds no class folder, a class folder that ``classes`` does not name, or no
+            valid image.
+    """
+    root = os.path.abspath(os.fspath(root))  # the file list must not depend on the working directory
+    split_dir = os.path.join(root, split)
+    present = list_classes(root, split)
+    if classes is None:
+        classes = present
+    else:
+        classes = [str(c) for c in classes]
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8
+                                                                  else "")
+            raise ValueError(f"{split_dir} holds {len(unknown)} class folder(s) that the model does not know: {shown} "
+                             f"(it classifies the {len(classes)} classes of its training split); their images "
+                             "would get another class's label: remove or rename those folders, or train a model "
+                             "on these classes")
 
     cpath = cache_path(split_dir, cache_dir)
     cached = {} if (refresh or not use_cache) else _read_cache(cpath, split_dir)
     entries_by_class: dict[str, list] = {}
     mtimes: dict[str, int] = {}
     to_check: list[tuple[str, str]] = []  # (class, file name)
-    for cname in classes:
+    for cname in present:
         cdir = os.path.join(split_dir, cname)
         mtime = os.stat(cdir).st_mtime_ns
         mtimes[cname] = mtime
@@ -138,14 +195,14 @@ def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = Non
             results = list(pool.map(check_image_file, paths, chunksize=64))
         for (cname, name), (reason, size) in zip(to_check, results):
             entries_by_class[cname].append([name, size, reason])
-    if use_cache and (stale or set(cached) != set(classes)):
+    if use_cache and (stale or set(cached) != set(present)):
         _write_cache(cpath, split_dir, {c: {"mtime_ns": mtimes[c], "entries": entries_by_class[c]}
-                                        for c in classes})
+                                        for c in present})
 
-    index = SplitIndex(split_dir=split_dir, classes=classes)
+    index = SplitIndex(split_dir=split_dir, classes=list(classes))
     for label, cname in enumerate(classes):
         n_valid = 0
-        for name, _size, reason in entries_by_class[cname]:
+        for name, _size, reason in entries_by_class.get(cname, ()):
             path = os.path.join(split_dir, cname, name)
             if reason is None:
                 index.files.append(path)
@@ -156,7 +213,7 @@ def index_split(root: str | os.PathLike, split: str, cache_dir: str | None = Non
         if n_valid == 0:
             index.empty_classes.append(cname)
     if not index.files:
-        raise ValueError(f"split folder {split_dir!r} holds no valid image in its {len(classes)} class "
+        raise ValueError(f"split folder {split_dir!r} holds no valid image in its {len(present)} class "
                          f"folders ({len(index.skipped)} files skipped as broken)")
     return index
 

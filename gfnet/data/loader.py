@@ -111,6 +111,7 @@ class ImageLoader:
         self.num_shards = num_shards
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # the first batch of the epoch's plan that iterating yields
         self._bad: set[str] = set()  # paths that failed to decode at run time
         self.stats = LoaderStats(files_found=len(index.files) + len(index.skipped), valid=len(index.files),
                                  skipped=list(index.skipped))
@@ -129,9 +130,18 @@ class ImageLoader:
         """Batches this shard yields per epoch."""
         return len(self._plan())
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for `epoch` (training); call before iterating, as with DistributedSampler."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Reshuffle for `epoch` (training); call before iterating, as with DistributedSampler.
+
+        ``start``: iterating yields the epoch's batches from number ``start`` on (a run that stopped in
+        the middle of the epoch resumes there): the batches before it are planned as usual and skipped
+        without being read, and each later batch is the one an iteration from the start would yield
+        (its files, replacements and augmentations depend only on the plan). ``len()`` stays the
+        epoch's number of batches.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.epoch, self.start = int(epoch), int(start)
 
     def shard_plan(self) -> ShardPlan:
         """The plan of this loader's shard over its current file list."""
@@ -145,7 +155,7 @@ class ImageLoader:
         return self.shard_plan().batches(self.epoch, bad)
 
     def __iter__(self):
-        batches = self._plan()
+        batches = self._plan()[self.start:]
         self.stats.seen_this_epoch = 0
         for images, labels, failures in self._iterate(batches):
             for path, reason in failures:
@@ -201,7 +211,8 @@ def _report_skipped(index: SplitIndex, shard_id: int) -> None:
     if shard_id != 0:  # every shard indexes the same files: one report is enough
         return
     if index.empty_classes:
-        log.warning("%s: %d class folder(s) hold no valid image (their labels are kept): %s",
+        log.warning("%s: %d class(es) have no valid image here (no folder, or only broken files; their labels are "
+                    "kept): %s",
                     index.split_dir, len(index.empty_classes), ", ".join(index.empty_classes[:_MAX_PATHS_LOGGED]))
     if not index.skipped:
         return
@@ -215,7 +226,8 @@ def _report_skipped(index: SplitIndex, shard_id: int) -> None:
 def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_pct: float = 0.875,
                 interpolation: str = "bilinear", backend: str = "dali", device=None,
                 num_threads: int | None = None, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                output: str = "float", split: str | None = None, cache_dir: str | None = None) -> ImageLoader:
+                output: str = "float", split: str | None = None, cache_dir: str | None = None,
+                classes=None) -> ImageLoader:
     """Batches of one split of an ImageNet-layout folder (``root/{train,val}/<class>/<image>``).
 
     Iterating yields ``(images, labels)``:
@@ -227,7 +239,7 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
       gfnet.ops kernels normalise it in their fused pass. ``images.permute(0, 2, 3, 1)`` is the
       contiguous ``[N, S, S, 3]`` array;
     - labels ``Tensor[N]`` int64: the index of the image's class folder among the sorted class folders
-      (torchvision's ImageFolder rule; an empty class folder keeps its index).
+      (torchvision's ImageFolder rule; an empty class folder keeps its index), or in ``classes`` when given.
 
     Images and labels are on `device`. Training drops each shard's last partial batch; evaluation
     keeps it, and reads every valid image exactly once across the shards.
@@ -261,6 +273,10 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
         output: "float" or "uint8" (see above).
         split: split folder name (default "train" if `train` else "val").
         cache_dir: where the file index is cached (default :func:`gfnet.data.index.default_cache_dir`).
+        classes: the class names the labels index (the model's: its training split's class folders); None: this
+            split's own sorted class folders. Evaluate and validate with the training split's list, so that a
+            split that lacks a class keeps every other class's label; a split folder with a class the list does
+            not name is refused (ValueError naming it).
 
     Returns:
         An :class:`ImageLoader`: iterable, ``len()`` = batches per epoch, ``num_samples``,
@@ -268,7 +284,8 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
 
     Raises:
         FileNotFoundError: the root or the split folder does not exist.
-        ValueError: an argument is out of range, or the split holds no valid image.
+        ValueError: an argument is out of range, the split holds no valid image, or a class folder that
+            ``classes`` does not name.
         ImportError: backend="dali" without DALI installed (the message says what to install).
     """
     if backend not in BACKENDS:
@@ -286,7 +303,7 @@ def make_loader(root, train: bool, batch_size: int, image_size: int = 224, crop_
     dev = _resolve_device(device)
     if num_threads is None:
         num_threads = default_num_threads()
-    index = index_split(root, split or ("train" if train else "val"), cache_dir=cache_dir)
+    index = index_split(root, split or ("train" if train else "val"), cache_dir=cache_dir, classes=classes)
     _report_skipped(index, shard_id)
     spec = TransformSpec(train=train, image_size=image_size, resize_size=int(image_size / crop_pct),
                          interpolation=interpolation, output=output)

@@ -203,6 +203,8 @@ def make_sample_tree(
         raise ValueError(f"source='digits' has 10 classes; got num_classes={num_classes}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an integer from 1 to 100 (JPEG quality), got {quality!r}")
     root = os.fspath(root)
     earlier = _earlier_sample(root)
     if earlier is not None:

@@ -12,7 +12,11 @@ what an uninterrupted one reads.
 """
 from __future__ import annotations
 
+import functools
 import io
+import os
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -96,6 +100,43 @@ def _as_is(item):
     return item
 
 
+#: Signals that schedulers stop jobs with, delivered to every process of the job (SLURM) or of a worker's
+#: process group (torchrun's agent).
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+
+def _caught_stop_signals() -> tuple:
+    """The stop signals this process catches with a Python handler."""
+    return tuple(int(s) for s in _STOP_SIGNALS if callable(signal.getsignal(s)))
+
+
+def _leave_stop_signals_to_parent(caught: tuple, worker_id: int) -> None:
+    """A DataLoader worker's start: leave the stop signals that the training process catches to it.
+
+    A training process that catches SIGTERM (gfnet.train.preemption) finishes its step and saves; its
+    workers, which the same SIGTERM reaches (SLURM signals every process of a job, torchrun's agent a
+    worker's whole process group), would die of it (torch's worker handler re-raises it) and make the
+    training process fail with "DataLoader worker ... killed" in the middle of its save. So the worker
+    blocks those signals and a thread takes them: one its parent sent (multiprocessing ends its workers so
+    at exit) ends the worker at once, as torch's own handler does; any other is left to the parent, which
+    ends its workers itself (a worker also notices its parent's death). The signals are those the parent
+    caught when it made the DataLoader (``caught``) and those whose Python handlers a forked worker
+    inherited.
+    """
+    signals = set(caught) | set(_caught_stop_signals())
+    if not signals:
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+    def take():
+        while True:
+            if signal.sigwaitinfo(signals).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take, name="gfnet-worker-signals", daemon=True).start()
+
+
 class _PlannedBatches:
     """The DataLoader's sampler: the current epoch's planned batches, set before each epoch."""
 
@@ -131,6 +172,8 @@ class TorchvisionLoader(ImageLoader):
                 int(np.random.default_rng([self.seed, self.shard_id, 2]).integers(2**62)))
             self._loader = DataLoader(dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
                                       collate_fn=_as_is, generator=gen, pin_memory=self.device.type == "cuda",
+                                      worker_init_fn=functools.partial(_leave_stop_signals_to_parent,
+                                                                       _caught_stop_signals()),
                                       persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         return self._loader
 

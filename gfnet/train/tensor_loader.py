@@ -20,7 +20,7 @@ class TensorLoader:
             of batches (DDP needs them in step); in evaluation shard k takes images k, k+num_shards, ...
         device: move batches there (None: leave them where they are).
 
-    Same interface as :func:`gfnet.data.make_loader`'s loaders: ``len()``, ``set_epoch(epoch)``.
+    Same interface as :func:`gfnet.data.make_loader`'s loaders: ``len()``, ``set_epoch(epoch, start=0)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, train: bool = True,
@@ -36,13 +36,17 @@ class TensorLoader:
         self.shard_id, self.num_shards = int(shard_id), int(num_shards)
         self.device = device
         self.epoch = 0
+        self.start = 0
         if train and len(self) == 0:
             raise ValueError(f"{images.shape[0]} images make no full batch of {batch_size} on each of "
                              f"{num_shards} shard(s): lower the batch size")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (call before iterating, as with DistributedSampler)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Reshuffle for ``epoch`` (call before iterating, as with DistributedSampler); iterating then yields
+        the epoch's batches from number ``start`` on (a resumed run re-enters its epoch there)."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.epoch, self.start = int(epoch), int(start)
 
     def _indices(self) -> torch.Tensor:
         n = self.labels.shape[0]
@@ -63,7 +67,7 @@ class TensorLoader:
 
     def __iter__(self):
         idx = self._indices()
-        for start in range(0, idx.numel(), self.batch_size):
+        for start in range(self.start * self.batch_size, idx.numel(), self.batch_size):
             b = idx[start:start + self.batch_size].to(self.images.device)
             x, y = self.images[b], self.labels[b]
             if self.device is not None:

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from gfnet.models.policy import ACTION_STD
 from gfnet.precision import amp_dtype, default_amp
 from gfnet.train.distributed import DistributedContext
 from gfnet.train.objective import PPOObjective, SequenceObjective
+from gfnet.train.preemption import MidEpoch, Preempted, StopRequest, parse_signal, save_mid_epoch, start_epoch
 from gfnet.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from gfnet.train.rollout import collect_rollout, discount_returns, normalise_returns
 from gfnet.train.run_folder import RunFolder, read_run_info
@@ -228,6 +230,10 @@ class Trainer:
         save_best: also keep ``model_best.pth.tar`` (a copy of the best epoch's checkpoint).
         overwrite: let a new run replace the run that ``out_dir`` already holds (see
             :mod:`gfnet.train.run_folder`: without it :meth:`fit` refuses such a folder unless resuming).
+        stop_signals: signals (names or numbers, e.g. ``("SIGTERM",)``) on which :meth:`fit` finishes the
+            current step, saves the run in the middle of its epoch and raises
+            :class:`~gfnet.train.preemption.Preempted` (see :mod:`gfnet.train.preemption`); empty: none
+            is caught.
 
     The state that resuming restores: weights (with batch-norm statistics), the SGD and Adam states,
     the gradient scaler, the epoch and step counters, the best accuracy and epoch, the history and every
@@ -239,7 +245,8 @@ class Trainer:
     """
 
     def __init__(self, net: GFNet, options: TrainOptions, out_dir: Optional[str] = None,
-                 ctx: Optional[DistributedContext] = None, save_best: bool = True, overwrite: bool = False):
+                 ctx: Optional[DistributedContext] = None, save_best: bool = True, overwrite: bool = False,
+                 stop_signals: Sequence = ()):
         device = next(net.parameters()).device
         self.ctx = ctx or DistributedContext(device=device)
         self.net = net.to(self.ctx.device)
@@ -266,7 +273,11 @@ class Trainer:
         self.run_id = uuid.uuid4().hex
         self.changes: list[dict] = []  # options changed by resumes: {"epoch", "option", "from", "to"}
         self.history: list[dict] = []
+        self.data_backend: Optional[str] = None  # the training loader's ("dali", "torchvision"), set by fit
         self._log_handler = None
+        self.stop_signals = tuple(parse_signal(s) for s in stop_signals)
+        self._stop = StopRequest((), self.ctx)  # fit() opens the real one
+        self._mid_epoch: Optional[MidEpoch] = None  # where a resumed run re-enters its epoch
         self._check_policy_and_layout()
         if self.options.stage == 2 and not self.options.continue_policy:
             # The reference's stage 2 starts PPO from a new policy whatever the checkpoint holds (its
@@ -394,8 +405,12 @@ class Trainer:
         """
         from tqdm import tqdm
 
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        resumed = self._mid_epoch if self._mid_epoch is not None and self._mid_epoch.epoch == epoch else None
+        self._mid_epoch = None
+        if resumed is not None:
+            resumed.check_loader(loader)
+        first = resumed.step if resumed is not None else 0  # a run stopped mid-epoch re-enters it there
+        batches = start_epoch(loader, epoch, first)
         self.set_learning_rates(epoch)
         self._set_modes()
         T = self.net.T
@@ -403,16 +418,20 @@ class Trainer:
         correct = torch.zeros(T, device=self.device, dtype=torch.int64)
         bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)  # steps with a non-finite loss
         n_images = n_steps = 0
+        earlier = 0.0  # seconds of the epoch before the run stopped
+        if resumed is not None:
+            n_images, n_steps, earlier = resumed.restore(loss_sum, correct, bad_steps)
         strict = self.options.amp != "fp16"
         try:
             total = len(loader)
         except TypeError:
             total = None
-        bar = tqdm(total=total, desc=f"stage {self.options.stage} epoch {epoch + 1}/{self.options.epochs}",
+        bar = tqdm(total=total, initial=first,
+                   desc=f"stage {self.options.stage} epoch {epoch + 1}/{self.options.epochs}",
                    disable=not (self.options.progress and self.ctx.is_main), dynamic_ncols=True, leave=False)
         start = last = time.perf_counter()
         last_images = 0
-        for i, (images, labels) in enumerate(loader):
+        for i, (images, labels) in enumerate(batches, start=first):
             out = self.train_step(images, labels)
             n = labels.shape[0]
             bad_steps += ~torch.isfinite(out["loss"])
@@ -435,8 +454,13 @@ class Trainer:
                 bar.set_postfix(postfix)
                 if self.ctx.is_main:
                     log.debug("epoch %d step %d: %s", epoch + 1, i + 1, postfix)
+            if self._stop.after_step() and (total is None or i + 1 < total):  # (at the last step: after the save)
+                bar.close()
+                self._stop_mid_epoch(MidEpoch(
+                    epoch, i + 1, total, getattr(loader, "batch_size", None), self.ctx.world_size, loss_sum.item(),
+                    correct.tolist(), int(bad_steps.item()), n_images, n_steps, earlier + time.perf_counter() - start))
         bar.close()
-        seconds = time.perf_counter() - start
+        seconds = earlier + time.perf_counter() - start
         totals = torch.cat([loss_sum.view(1), torch.tensor([float(n_images), float(n_steps)], device=self.device,
                                                            dtype=torch.float64),
                             bad_steps.double().view(1), correct.double()])
@@ -451,6 +475,21 @@ class Trainer:
         if not self._weights_finite():
             self._diverged(epoch, "a trained weight is non-finite")
         return EpochStats(t[0], images, [int(c) for c in t[4:]], seconds).as_dict()
+
+    def _stop_mid_epoch(self, progress: MidEpoch) -> None:
+        """Save the run in the middle of its epoch and raise Preempted (every process; see
+        :mod:`gfnet.train.preemption`); a run whose loss or weights went non-finite is not saved."""
+        bad = self.ctx.all_reduce_sum(torch.tensor([progress.bad_steps], device=self.device)).item()
+        if bad and self.options.amp != "fp16":
+            self._diverged(progress.epoch, f"{bad} of the steps had a non-finite loss")
+        if not self._weights_finite():
+            self._diverged(progress.epoch, "a trained weight is non-finite")
+        progress.signal = parse_signal(self._stop.agreed).name
+        path = save_mid_epoch(self, progress)
+        stopped = Preempted(self._stop.agreed, path, self.epoch, progress.step, progress.steps)
+        if self.ctx.is_main:
+            log.warning("%s", stopped)
+        raise stopped
 
     def _weights_finite(self) -> bool:
         trained = [p for p in self.net.parameters() if p.requires_grad]
@@ -508,15 +547,21 @@ class Trainer:
 
         Every epoch: train, evaluate on ``val_loader`` when given, save (:meth:`save`: ``model_best.pth.tar``
         when the last step's accuracy improves, then ``checkpoint.pth.tar``) to ``out_dir``, then call each
-        ``callback(trainer, epoch_record)``. Returns the history: one record per epoch.
+        ``callback(trainer, epoch_record)``. Returns the history: one record per epoch. On one of
+        ``stop_signals`` every process finishes its step, the run is saved in the middle of its epoch
+        (``mid_epoch.pth.tar``) and Preempted is raised; resuming from that state continues the epoch at
+        the next batch (:mod:`gfnet.train.preemption`).
 
         Raises:
             ValueError: the folder holds another run, the checkpoint belongs to a run with another model,
                 stage or T, or the loader yields no full batch.
             TrainingError: the loss diverged (:meth:`train_epoch`).
             RunFolderBusy: another process trains into ``out_dir``.
+            Preempted: a stop signal ended the run after its state was saved.
         """
         folder = RunFolder(self.out_dir, CHECKPOINT_NAME, BEST_NAME) if self.out_dir is not None else None
+        self.data_backend = getattr(train_loader, "backend", None) or None
+        self._stop = StopRequest(self.stop_signals, self.ctx)
         try:
             resume = self._open_run(folder, resume)
             self._open_log()
@@ -527,6 +572,7 @@ class Trainer:
                     self._reconcile_best(folder, resume)
             else:
                 seed_everything(self.options.seed + self.ctx.rank)
+            self._check_data_classes(train_loader, val_loader)
             self._check_loader(train_loader)
             if self.ctx.is_main:
                 log.info("stage %d, %d epoch(s), %d process(es) on %s, amp %s; options %s", self.options.stage,
@@ -544,6 +590,7 @@ class Trainer:
                 if resume and self.epoch >= self.options.epochs:
                     log.warning("%s has already trained %d of %d epoch(s): nothing to do (raise --epochs to "
                                 "train on)", resume, self.epoch, self.options.epochs)
+            self._stop.open()  # the stop signals are caught from here on (collective under DDP)
             while self.epoch < self.options.epochs:
                 epoch = self.epoch
                 record = {"epoch": epoch + 1, **self.train_epoch(train_loader, epoch)}
@@ -566,14 +613,24 @@ class Trainer:
                 if val_loader is not None:
                     self.net.meta["anytime_classification"] = record["val_acc"]
                 self.save(is_best)
+                if folder is not None and self.ctx.is_main:
+                    folder.settle_replaced()  # --overwrite: the earlier run's files go once this run has a checkpoint
                 if self.ctx.is_main:
                     log.info("epoch %d/%d: %s", epoch + 1, self.options.epochs, _format_record(record))
                 for cb in callbacks:
                     cb(self, record)
+                if self.epoch < self.options.epochs and self._stop.settle():  # a signal during the epoch's end
+                    stopped = Preempted(self._stop.agreed, folder.checkpoint_path if folder else None, self.epoch)
+                    if self.ctx.is_main:
+                        log.warning("%s", stopped)
+                    raise stopped
             return self.history
         finally:
+            failure = sys.exc_info()[1]
+            self._stop.close(failed=failure is not None and not isinstance(failure, Preempted))
             self._close_log()
             if folder is not None:
+                folder.settle_replaced()  # a run that stopped before its first checkpoint puts the earlier run back
                 folder.release()
 
     def _open_run(self, folder: Optional[RunFolder], resume: Optional[str]) -> Optional[str]:
@@ -632,6 +689,7 @@ class Trainer:
             "run_id": self.run_id,
             "best_epoch": self.best_epoch,
             "changes": self.changes,
+            "data_backend": self.data_backend,
         }
 
     def checkpoint(self) -> dict:
@@ -677,6 +735,7 @@ class Trainer:
             if is_best and self.save_best:
                 atomic_save(obj, os.path.join(self.out_dir, BEST_NAME))
             atomic_save(obj, os.path.join(self.out_dir, CHECKPOINT_NAME))
+            RunFolder(self.out_dir).discard_mid_epoch()  # superseded by this finished epoch
         self.ctx.barrier()
 
     def load_training_state(self, path: str) -> None:
@@ -718,6 +777,7 @@ class Trainer:
             raise ValueError(f"{path} is a stage-{ckpt.stage} run; this one is stage {o.stage}")
         if ckpt.num_classes != net.num_classes:
             raise ValueError(f"{path} classifies {ckpt.num_classes} classes, this run's net {net.num_classes}")
+        self._adopt_stored_classes(path, obj.get("classes"))
         if o.stage == 3 and obj["policy"] is None:
             raise ValueError(f"{path} is a stage-3 file without a policy: it cannot continue stage 3")
         if isinstance(state, dict):
@@ -747,6 +807,10 @@ class Trainer:
             self.global_step, self.history = 0, []
             seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
             return
+        mid = state.get("mid_epoch")  # a run stopped in the middle of an epoch (gfnet.train.preemption)
+        self._mid_epoch = MidEpoch.from_state(mid, self.ctx, path) if isinstance(mid, dict) else None
+        if self._mid_epoch is not None and self.ctx.is_main:
+            log.info("%s: epoch %d continues after step %d", path, self.epoch + 1, self._mid_epoch.step)
         if state.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
@@ -760,6 +824,36 @@ class Trainer:
             log.warning("%s was written by %d process(es), this run has %d: random streams restart from "
                         "seed %d + epoch", path, len(rng), self.ctx.world_size, o.seed)
             seed_everything(o.seed + self.ctx.rank + 7919 * self.epoch)
+
+    def _adopt_stored_classes(self, path: str, stored) -> None:
+        if stored is None:
+            return
+        mine = self.net.meta.get("classes")
+        if mine is not None and list(mine) != list(stored):
+            from gfnet.data.index import class_list_difference
+
+            raise ValueError(f"{path} was trained on other classes than this run's net: "
+                             f"{class_list_difference(stored, mine)}")
+        self.net.meta["classes"] = list(stored)
+
+    def _check_data_classes(self, *loaders) -> None:
+        """The loaders' class names (gfnet.data loaders have ``classes``) must be the ones the net classifies:
+        labels are positions in that list. A net that names none takes the training loader's."""
+        from gfnet.data.index import class_list_difference
+
+        for loader in loaders:
+            names = getattr(loader, "classes", None)
+            if names is None:
+                continue
+            known = self.net.meta.get("classes")
+            if known is None:
+                if len(names) != self.net.num_classes:
+                    raise ValueError(f"the data has {len(names)} classes, the net classifies {self.net.num_classes}")
+                self.net.meta["classes"] = list(names)
+            elif list(names) != list(known):
+                raise ValueError(f"the data's classes are not the {len(known)} that the net classifies: "
+                                 f"{class_list_difference(known, names)}; build every loader with "
+                                 "make_loader(..., classes=<the training split's>)")
 
     def _check_same_model(self, path: str, obj: dict) -> None:
         net, o = self.net, self.options
@@ -793,6 +887,14 @@ class Trainer:
             if self.ctx.is_main:
                 log.warning("resume: %s changes from %r to %r (from epoch %d on)", key, stored[key], value, epoch + 1)
             self.changes.append({"epoch": epoch, "option": key, "from": stored[key], "to": value})
+        stored_backend = state.get("data_backend")
+        if stored_backend and self.data_backend and stored_backend != self.data_backend:
+            if self.ctx.is_main:
+                log.warning("resume: data backend changes from %r to %r (from epoch %d on): the two decode and resize "
+                            "images with different rounding, so the run will not equal an uninterrupted one bit for "
+                            "bit", stored_backend, self.data_backend, epoch + 1)
+            self.changes.append({"epoch": epoch, "option": "data_backend", "from": stored_backend,
+                                 "to": self.data_backend})
         if int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size and self.ctx.is_main:
             log.warning("resume: processes change from %d to %d", state["world_size"], self.ctx.world_size)
         if epoch > 0 and self.options.epochs is not None and epoch > self.options.epochs and self.ctx.is_main:

@@ -9,6 +9,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch
 
+from gfnet.budget import check_threshold_table, check_thresholds
 from gfnet.data.index import IMAGE_EXTENSIONS
 from gfnet.viz.style import PathLike
 
@@ -24,7 +25,7 @@ def budget_thresholds(meta: Mapping[str, Any], index: int) -> torch.Tensor:
     if table is None:
         raise ValueError("the checkpoint holds no dynamic_threshold table (it was never evaluated with "
                          "budgets): pass thresholds explicitly, e.g. --thresholds 0.9,0.8,-1e8")
-    table = torch.as_tensor(table, dtype=torch.float32)
+    table = check_threshold_table(table, what="the checkpoint's dynamic_threshold").float()
     if not -table.shape[0] <= index < table.shape[0]:
         raise ValueError(f"budget index {index} is outside the table's {table.shape[0]} rows")
     return table[index].clone()
@@ -39,6 +40,7 @@ def read_thresholds(spec: str, meta: Optional[Mapping[str, Any]] = None) -> torc
         if meta is None:
             raise ValueError(f"--thresholds {spec} is a budget index, which needs a checkpoint")
         return budget_thresholds(meta, int(spec))
+    what = f"--thresholds {spec}"
     if os.path.isfile(spec):
         ext = os.path.splitext(spec)[1].lower()
         if ext == ".json":
@@ -48,18 +50,20 @@ def read_thresholds(spec: str, meta: Optional[Mapping[str, Any]] = None) -> torc
                 if "thresholds" not in obj:
                     raise ValueError(f"{spec}: a JSON object needs a 'thresholds' list; keys: {list(obj)}")
                 obj = obj["thresholds"]
-            return torch.tensor(obj, dtype=torch.float32).flatten()
+            return check_thresholds(obj, what=what).float()
         if ext in (".pt", ".pth"):
-            return torch.as_tensor(torch.load(spec, map_location="cpu", weights_only=True),
-                                   dtype=torch.float32).flatten()
+            return check_thresholds(torch.load(spec, map_location="cpu", weights_only=True), what=what).float()
         with open(spec) as f:
             text = f.read()
-        return torch.tensor([float(v) for v in re.split(r"[\s,]+", text.strip()) if v], dtype=torch.float32)
+        values = [v for v in re.split(r"[\s,]+", text.strip()) if v]
+    else:
+        values = [v for v in spec.split(",") if v.strip()]
     try:
-        return torch.tensor([float(v) for v in spec.split(",") if v.strip()], dtype=torch.float32)
+        numbers = [float(v) for v in values]
     except ValueError:
         raise ValueError(f"--thresholds {spec!r} is neither a budget index, comma-separated numbers, "
-                         "nor an existing file") from None
+                         "nor an existing file of numbers") from None
+    return check_thresholds(torch.tensor(numbers, dtype=torch.float32), what=what)
 
 
 def image_files(sources: Iterable[PathLike]) -> List[str]:

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from gfnet.budget import exit_steps
+from gfnet.budget import check_thresholds, exit_steps
 from gfnet.data import IMAGENET_MEAN, IMAGENET_STD
 from gfnet.viz.style import STEP_COLORS, PathLike
 
@@ -167,6 +167,8 @@ def plot_patches(net, images: torch.Tensor, out_path: PathLike,
     N, S = images.shape[0], images.shape[-1]
     if N == 0:
         raise ValueError("no images to draw")
+    if thresholds is not None:  # before the net runs
+        thresholds = check_thresholds(thresholds, net.T if net is not None else None, "thresholds")
     if prediction is None:
         if net is None:
             raise ValueError("pass a net to run, or a prediction to draw")
