@@ -2,7 +2,8 @@
 of a batch in the deployment runtimes against the reference's loop.
 
 One setup shared by every provider: one randomly initialised GFNet (default MobileNet-V3-Large 1.00, S=224,
-P=96, T=3, 1000 classes; batch-norm statistics randomised so that confidences spread), N uint8 test images of
+P=96, T=3, 1000 classes; batch-norm statistics randomised and the classifiers sharpened so that confidences
+spread), N uint8 test images of
 random pixels, and thresholds fitted with :func:`gfnet.budget.find_thresholds` on N other random images at the
 budget points p (q = p/20). Random weights and pixels cost what trained ones cost, but their accuracy means
 nothing: the budgets here are for timing only. Providers (:mod:`gfnet.deploy.latency`): ``eager PyTorch`` (the
@@ -53,9 +54,16 @@ NOTES = ("Random weights and random uint8 pixels: latencies are real, accuracies
 
 
 def _randomise_batchnorm(net, seed: int) -> None:
+    """Randomised batch-norm statistics, and the classifiers' weights scaled up (x20): a randomly initialised
+    1000-class GFNet's confidences all sit near 1/1000, within the 1e-4 ambiguity of any threshold, which would
+    leave the exit comparison with nothing to compare; sharpened, they spread over the budgets' thresholds."""
     from gfnet.bench.deploy_exports import _randomise_batchnorm as randomise
 
     randomise(net, seed)
+    with torch.no_grad():
+        for module in (net.fc, net.model_prime.head):
+            for p in module.parameters():
+                p.mul_(20.0)
 
 
 def run(device=None, quick: bool = False, threads=None, arch: str = "mobilenetv3_large_100",
@@ -162,6 +170,9 @@ def _latency(device, quick, arch, patch_size, T, num_images, points, providers, 
         for p, row in thresholds.items():
             expected = budget.exit_steps(val_probs, row)
             near = ((conf - torch.tensor(row).view(-1, 1)).abs() < PROB_ATOL).any(0)
+            if bool(near.all()):
+                raise OutputMismatch(f"latency {arch} p={p}: every image's confidence lies within {PROB_ATOL:g} of a "
+                                     "threshold: the exit comparison would compare nothing")
             for name, runner in runners.items():
                 got = torch.tensor([runner.predict_one(im, row)[1] for im in singles[name]])
                 bad = (got != expected) & ~near

@@ -56,6 +56,7 @@ def tiny(tmp_path_factory):
     checkpoint = root / "tiny.pth.tar"
     gfnet.save_checkpoint(net, str(checkpoint))
     folder = root / "pkg"
+    net.meta["classes"] = ["ant", "bee", "cat", "dog"]  # a model's class names travel into the manifest
     gfnet.export(net, str(folder), format="onnx", input_dtype="uint8", max_batch=8)
     return net, str(checkpoint), str(folder)
 
@@ -141,6 +142,7 @@ def test_manifest_describes_the_package(tiny):
     assert (m["arch"], m["image_size"], m["patch_size"], m["T"], m["num_classes"]) == ("resnet10t", S, P, T, CLASSES)
     assert m["input"]["dtype"] == "uint8" and m["mean"] == list(MEAN) and m["std"] == list(STD)
     assert m["glance_mode"] == net.glance_mode and m["steps"] == [None, "classify", "classify"]
+    assert m["classes"] == ["ant", "bee", "cat", "dog"]
     assert m["flops"] == pytest.approx(gfnet.flops.compute_flops(net)["flops"])
     assert np.allclose(m["dynamic_threshold"], net.meta["dynamic_threshold"].double().numpy())
     assert set(m["files"]) == {g["file"] for g in m["graphs"].values()} == set(os.listdir(folder)) - {"manifest.json"}
@@ -210,8 +212,10 @@ def test_predict_checks_its_inputs(tiny):
 
 
 def test_invalid_pixels_exit_at_once_as_in_the_engine(tiny, tiny_float):
-    net = tiny[0]
-    x = torch.randn(3, 3, S, S)
+    # the package was exported from the checkpoint: the engine runs the checkpoint's model at the package's S
+    net = gfnet.load_checkpoint(tiny[1])
+    size = read_manifest(tiny_float)["image_size"]
+    x = torch.randn(3, 3, size, size)
     x[1, 0, 5, 5] = float("nan")
     thresholds = [2.0, 2.0, -1e8]  # nobody exits early but the invalid image
     with pytest.warns(RuntimeWarning, match="non-finite"):
@@ -269,6 +273,28 @@ def test_a_killed_export_leaves_no_half_package(tmp_path, overwrite):
     after = read_manifest(str(out))
     if overwrite:  # replaced by the new package (other weights: other checksums)
         assert after["files"] != before["files"]
+
+
+def test_export_refuses_graphs_that_compute_something_else(tmp_path, monkeypatch):
+    # a translation error, injected: the graph traced and written is not the model's (weights off by 5%); the
+    # verification runs the written graph in ONNX Runtime against the model and publishes nothing
+    import copy
+
+    import gfnet.deploy.exporter as exporter
+
+    real = exporter._trace
+
+    def wrong(module, args, max_batch):
+        other = copy.deepcopy(module)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.mul_(1.05)
+        return real(other, args, max_batch)
+
+    monkeypatch.setattr(exporter, "_trace", wrong)
+    with pytest.raises(RuntimeError, match=r"the exported glance graph \(onnx\) differs from the PyTorch model"):
+        gfnet.export(tiny_net(steps=1), str(tmp_path / "pkg"), format="onnx")
+    assert os.listdir(tmp_path) == []
 
 
 def test_export_refuses_an_existing_folder_and_bad_arguments(tmp_path):

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     lat.add_argument("--labels", nargs="+", default=None, help="legend name per result")
     lat.add_argument("--title", default=None)
 
-    r = sub.add_parser("report", help="patches.png and budget_curve.png from a gfnet-demo output folder")
+    r = sub.add_parser("report", help="patches.png, budget_curve.png (and accuracy_latency.png where the "
+                                      "folder has latency.json) from a gfnet-demo output folder")
     r.add_argument("demo_dir")
     r.add_argument("--threshold-index", type=int, default=19)
     r.add_argument("--max-images", type=positive_int, default=8)
@@ -175,8 +176,9 @@ def _run(args) -> int:
         return 0
     paths = viz.render_report(args.demo_dir, threshold_index=args.threshold_index,
                               max_images=args.max_images, bench=args.bench)
-    for key in ("patches", "budget_curve"):
-        print(paths[key])
+    for key in ("patches", "budget_curve", "accuracy_latency"):
+        if paths.get(key):
+            print(paths[key])
     for path in paths["bench"]:
         print(path)
     return 0

@@ -47,7 +47,9 @@ INPUT_DTYPES = ("uint8", "float32")
 INSTALL_HINT = "pip install 'gfnet[deploy]' (onnx, onnxruntime, onnxscript, executorch)"
 #: The written graphs against the PyTorch modules on the example batch: the runtimes' convolution and matrix
 #: kernels sum in other orders than PyTorch's (measured differences ~1e-7 on probabilities and 1e-6 on
-#: features); a translation error is orders of magnitude larger.
+#: features; XNNPACK's on ResNet-50's feature maps up to 6e-4 where their values reach tens); a translation
+#: error is orders of magnitude larger. Probabilities (outputs named ``probs``) are compared element by element
+#: (atol + rtol * |expected|); the states and features against their scale (atol + rtol * max |expected|).
 VERIFY_ATOL, VERIFY_RTOL = 1e-4, 1e-3
 _NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "executorch": ("executorch",)}
 _TEMP_SUFFIX = ".gfnet-tmp"
@@ -215,6 +217,14 @@ def _plain(value):
     return None
 
 
+def _class_names(meta: Mapping) -> Optional[list]:
+    """The class names a checkpoint stored (``classes``, gfnet's field; ``class_names`` as an older spelling)."""
+    for key in ("classes", "class_names"):
+        if meta.get(key) is not None:
+            return [str(c) for c in meta[key]]
+    return None
+
+
 def _verify(format: str, folder: str, names: Sequence[str], files: Mapping[str, str], graphs, examples) -> dict:
     """Run each written graph in its runtime on the example batch (3 images; the trace saw 2) and on its first
     image; compare with the PyTorch modules. Returns name -> the largest absolute difference."""
@@ -229,11 +239,15 @@ def _verify(format: str, folder: str, names: Sequence[str], files: Mapping[str, 
             got = runner.run(name, [a.numpy() for a in args])
             diff = 0.0
             for out_name, e, o in zip(_signature(name)[1], expected, got):
-                if e.shape != o.shape or not np.allclose(o, e, atol=VERIFY_ATOL, rtol=VERIFY_RTOL):
+                scale = float(np.abs(e).max()) if e.size and out_name != "probs" else 0.0
+                if e.shape != o.shape or not np.allclose(o, e, atol=VERIFY_ATOL + VERIFY_RTOL * scale,
+                                                         rtol=VERIFY_RTOL):
                     detail = (f"shape {o.shape} against {e.shape}" if e.shape != o.shape else
-                              f"largest difference {float(np.abs(o.astype(np.float64) - e).max()):.3g}")
+                              f"largest difference {float(np.abs(o.astype(np.float64) - e).max()):.3g}"
+                              + (f" (largest value {scale:.3g})" if scale else ""))
                     raise RuntimeError(f"the exported {name} graph ({format}) differs from the PyTorch model in "
-                                       f"{out_name}: {detail} beyond atol={VERIFY_ATOL:g}, rtol={VERIFY_RTOL:g}")
+                                       f"{out_name}: {detail} beyond atol={VERIFY_ATOL:g}, rtol={VERIFY_RTOL:g}"
+                                       + (" of the largest value" if scale else ""))
                 diff = max(diff, float(np.abs(o.astype(np.float64) - e).max()) if e.size else 0.0)
             worst[name] = max(worst.get(name, 0.0), diff)
     return worst
@@ -247,7 +261,7 @@ def export(net, out_dir, format: str = "onnx", input_dtype: str = "uint8", max_b
     Args:
         net: a :class:`gfnet.GFNet` (any device, eval or not: a CPU float32 eval copy is exported). Its ``meta``
             gives the budget fields (``flops``, ``dynamic_threshold``, ``budgeted_batch_classification``,
-            ``anytime_classification``, ``class_names``) where a checkpoint stored them.
+            ``anytime_classification``, ``classes``) where a checkpoint stored them.
         out_dir: the package folder; must not exist unless ``overwrite``.
         format: "onnx" (``.onnx`` files for ONNX Runtime) or "executorch" (``.pte`` programs, XNNPACK delegate).
         input_dtype: "uint8" (raw pixels [N, 3, S, S] in 0..255, divided by 255 and normalised inside the
@@ -256,7 +270,7 @@ def export(net, out_dir, format: str = "onnx", input_dtype: str = "uint8", max_b
             batch and record None). The runtime splits larger batches.
         overwrite: replace an existing package at ``out_dir`` (the old one stays until the new one is complete).
         verify: run every written graph in its runtime against the PyTorch modules before publishing.
-        classes: class names (default ``net.meta["class_names"]``; None: unnamed).
+        classes: class names (default ``net.meta["classes"]``; None: unnamed).
         source: provenance to record (e.g. the checkpoint's path and sha256).
     Returns:
         the manifest (a dict, as written to ``out_dir/manifest.json``).
@@ -322,8 +336,7 @@ def export(net, out_dir, format: str = "onnx", input_dtype: str = "uint8", max_b
         manifest = {
             "format": FORMAT, "runtime": format, "arch": model.arch, "image_size": model.image_size,
             "patch_size": model.patch_size, "T": model.T, "num_classes": model.num_classes,
-            "classes": list(classes) if classes is not None else (list(meta["class_names"])
-                                                                  if meta.get("class_names") else None),
+            "classes": list(classes) if classes is not None else _class_names(meta),
             "classifier": "gru" if model.fc.is_rnn else "cascade", "glance_mode": model.glance_mode,
             "interpolation": {"glance": model.glance_mode, "dataset": cfg.dataset_interpolation,
                               "crop_pct": cfg.crop_pct},

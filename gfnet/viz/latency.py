@@ -46,7 +46,7 @@ def read_accuracy_latency(source) -> dict:
 
 def _sources(sources) -> List[Any]:
     if isinstance(sources, (str, os.PathLike, Mapping)) or hasattr(sources, "to_dict"):
-        return [sources]
+        sources = [sources]  # one source; a file of it may still hold a list of results
     out = []
     for s in sources:
         if isinstance(s, (str, os.PathLike)) and os.path.isfile(os.fspath(s)):
