@@ -1,7 +1,7 @@
 """gfnet: a high-performance engine for Glance-and-Focus Networks (GFNet, NeurIPS 2020 / T-PAMI 2023).
 
 The package root is lazy: ``import gfnet`` (and so ``import gfnet.kernels`` or ``gfnet.ops``) loads nothing
-until a name is used. Layers, each importing only the ones below it: cli -> applications (demo, evaluation,
+until a name is used. Layers, each importing only the ones below it: cli -> applications (demo, deploy, evaluation,
 train, viz) -> engine -> models -> ops -> kernels / gfnet._C (and the leaf modules config, precision, device,
 _extension, atomic, which import no other part of gfnet but config).
 """
@@ -16,9 +16,11 @@ _EXPORTS = {
     "build_model": "gfnet.models",
     "load_checkpoint": "gfnet.checkpoint", "save_checkpoint": "gfnet.checkpoint",
     "budgeted_predict": "gfnet.engine", "BudgetedPrediction": "gfnet.engine",
+    "export": "gfnet.deploy.exporter",
 }
 
-_SUBMODULES = {"atomic", "budget", "checkpoint", "config", "data", "demo", "device", "engine", "evaluation", "flops",
+_SUBMODULES = {"atomic", "budget", "checkpoint", "config", "data", "demo", "deploy", "device", "engine", "evaluation",
+               "flops",
                "kernels", "models", "ops", "precision", "train", "viz"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

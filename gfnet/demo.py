@@ -32,12 +32,12 @@ import gfnet
 from gfnet import budget
 from gfnet.precision import AMP_MODES, amp_dtype, autocast
 from gfnet.train import TensorLoader, Trainer, TrainOptions
-from gfnet.viz.report import CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE, render_report
+from gfnet.viz.report import CHECKPOINT_FILE, LATENCY_FILE, RESULTS_FILE, SAMPLES_FILE, render_report
 
 __all__ = ["DemoConfig", "QUICK", "DEMO_AMP", "ClutteredDigitsLoader", "make_cluttered_digits",
            "digit_patch_actions", "pretrain_encoders", "anytime_accuracy", "test_canvases",
            "checkpoint_anytime_accuracy", "write_canvas_tree", "train_full_resolution_backbone",
-           "recalibrate_batch_norm", "method_claims", "run_demo"]
+           "recalibrate_batch_norm", "method_claims", "DEMO_LATENCY", "measure_latency", "run_demo"]
 
 log = logging.getLogger("gfnet.demo")
 
@@ -58,7 +58,9 @@ class DemoConfig:
     rate (a light touch: 1437 training digits overfit quickly); baseline_epochs / baseline_lr: epochs
     and Adam learning rate of the full-resolution backbone the demo trains for comparison
     (:func:`train_full_resolution_backbone`; 0 epochs skips it; as many epochs as GFNet's local encoder
-    sees, pre-training included, less one); min_gain: points by which step T must beat the glance and the
+    sees, pre-training included, less one); latency_images / latency_budgets: held-out canvases classified one
+    at a time, and budgets of the curve, for the accuracy-against-latency figure (:func:`measure_latency`);
+    min_gain: points by which step T must beat the glance and the
     learned policy must beat random patches for the demo to count the method as shown; channels_last: the
     encoders' memory format (contiguous by default; channels-last convolutions round differently, a check of
     the demo's robustness); seed.
@@ -85,6 +87,8 @@ class DemoConfig:
     lr3: float = 1e-3
     baseline_epochs: int = 4
     baseline_lr: float = 1e-3
+    latency_images: int = 200
+    latency_budgets: int = 6
     min_gain: float = 10.0
     channels_last: bool = False
     seed: int = 0
@@ -98,7 +102,7 @@ DEMO_AMP = tuple(m for m in AMP_MODES if m in ("none", "bf16"))  # the CPU's pre
 #: The ``--quick`` configuration: the same pipeline at a toy size (tests; well under a minute).
 QUICK = DemoConfig(canvas=64, digit_size=12, fragments=2, patch_size=24, T=3, train_images=128,
                    test_images=64, pretrain_epochs=1, epochs1=1, epochs2=1, epochs3=1, batch_size=32,
-                   policy_batch_size=32, baseline_epochs=1)
+                   policy_batch_size=32, baseline_epochs=1, latency_images=16, latency_budgets=3)
 
 
 def _digits(split: str, seed: int):
@@ -428,6 +432,71 @@ def recalibrate_batch_norm(model: torch.nn.Module, batches) -> None:
             m.momentum = momentum
 
 
+#: What the demo's accuracy-against-latency figure measures (``gfnet-demo --latency``): "auto" (eager PyTorch, and
+#: ONNX Runtime where gfnet[deploy] is installed), "eager" (eager PyTorch only), "none" (no latency measured).
+DEMO_LATENCY = ("auto", "eager", "none")
+
+
+def measure_latency(net, thresholds, test_x: torch.Tensor, test_y: torch.Tensor, backbone: torch.nn.Module,
+                    config: DemoConfig, out_dir: str, runtimes: str = "auto") -> dict:
+    """Accuracy against batch-1 latency (1 thread, the paper's phone setting) of the trained GFNet at
+    ``config.latency_budgets`` budgets of its curve (rows of ``thresholds``, spread from the cheapest to the
+    dearest) and of the full-resolution ``backbone``, on the first ``config.latency_images`` held-out canvases,
+    in eager PyTorch and, with ``runtimes="auto"`` where gfnet[deploy] is installed, in ONNX Runtime (the
+    package exported into a temporary folder). Each image's whole classification is timed once (after a warm-up
+    on 8 images); accuracies are of the runtime's own predictions on those canvases (the backbone's too, so
+    every point of the figure counts the same images).
+
+    Writes ``out_dir/latency.json`` (one :class:`gfnet.deploy.latency.AccuracyLatency` dict per runtime, what
+    ``gfnet-viz latency`` and the report draw). Returns a summary for results.json: the runtimes measured, the
+    paper's sentence in the fastest of them (lowest all-steps latency), and ``skipped`` (why ONNX Runtime was
+    not measured and what to install), or ``{"skipped": ...}`` alone for ``runtimes="none"``.
+    """
+    from gfnet.deploy.exporter import INSTALL_HINT, missing_dependencies
+    from gfnet.deploy.latency import accuracy_latency_points
+
+    if runtimes not in DEMO_LATENCY:
+        raise ValueError(f"runtimes must be one of {DEMO_LATENCY}; got {runtimes!r}")
+    if runtimes == "none":
+        return {"skipped": "not measured (--latency none)"}
+    t0 = time.perf_counter()
+    c = config
+    n = max(1, min(int(c.latency_images), len(test_y)))
+    x, y = test_x[:n], test_y[:n]
+    mean = torch.tensor(net.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(net.config.std).view(1, 3, 1, 1)
+    backbone = backbone.eval()
+    with torch.no_grad():
+        base_acc = 100.0 * float((backbone((x.float() / 255.0 - mean) / std).argmax(1) == y).double().mean())
+    table = torch.as_tensor(thresholds).detach().cpu().double()
+    budgets = sorted({int(round(float(v))) for v in torch.linspace(0, len(table) - 1, max(1, c.latency_budgets))})
+    names, skipped = ["eager"], None
+    if runtimes == "auto":
+        missing = missing_dependencies("onnx")
+        if missing:
+            skipped = (f"ONNX Runtime latency skipped: it needs {', '.join(missing)} ({INSTALL_HINT}); the figure "
+                       "shows eager PyTorch only")
+            log.warning("%s", skipped)
+        else:
+            names.append("onnx")
+    measured = []
+    for runtime in names:
+        res = accuracy_latency_points(net, table, x, y, backbone=backbone, backbone_accuracy=base_acc,
+                                      runtime=runtime, threads=1, rounds=1, warmup=1, warmup_images=8,
+                                      budgets=budgets, label=f"GFNet demo ({net.arch}, T={net.T})")
+        log.info("latency, %s, batch 1, 1 thread: all %d steps %.2f ms, full-resolution %s %.2f ms; %s", runtime,
+                 net.T, res.all_steps["mean_ms"], net.arch, res.backbone["mean_ms"], res.summary())
+        measured.append(res)
+    _write_json(os.path.join(out_dir, LATENCY_FILE), [r.to_dict() for r in measured])
+    fastest = min(measured, key=lambda r: r.all_steps["mean_ms"])
+    return {"file": LATENCY_FILE, "images": n, "threads": 1, "budgets": budgets, "cpu": fastest.cpu,
+            "runtimes": {r.runtime: {"all_steps_mean_ms": r.all_steps["mean_ms"],
+                                     "backbone_mean_ms": r.backbone["mean_ms"],
+                                     "points": [[p.mean_ms, p.accuracy] for p in r.points]} for r in measured},
+            "backbone_accuracy_on_these_images": base_acc, "fastest_runtime": fastest.runtime,
+            "sentence": fastest.summary(), "skipped": skipped, "seconds": time.perf_counter() - t0}
+
+
 def method_claims(learned: list, random: list, min_gain: float) -> dict:
     """The demo's two claims, from anytime accuracies (%) with the learned policy and with random patch
     positions: accuracy after T steps beats the glance, and the learned policy beats random patches at
@@ -449,7 +518,7 @@ def method_claims(learned: list, random: list, min_gain: float) -> dict:
 
 
 def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = True,
-             threads: Optional[int] = None, amp: str = "none") -> dict:
+             threads: Optional[int] = None, amp: str = "none", latency: str = "auto") -> dict:
     """Build the task, train stages 1-3, evaluate, write the report folder; returns the results dict.
 
     The results state (``claims``) whether accuracy after T steps beats the glance and the learned
@@ -457,7 +526,7 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = T
 
     ``amp``: "none" (fp32: the published numbers) or "bf16": encoder pre-training, the three stages
     (:class:`TrainOptions` ``amp``) and every evaluation run under bf16 autocast; results.json records it
-    as ``precision``.
+    as ``precision``. ``latency``: which runtimes :func:`measure_latency` times (:data:`DEMO_LATENCY`).
 
     ``demo.log`` receives the gfnet.demo and gfnet.train records that the application's logging
     configuration lets through (``gfnet-demo`` lets INFO through; a library never sets logger levels).
@@ -472,7 +541,7 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = T
         raise ValueError(f"amp must be one of {DEMO_AMP}; got {amp!r}")
     prev_threads = torch.get_num_threads()
     try:
-        return _run_demo(out_dir, config, progress, threads, amp)
+        return _run_demo(out_dir, config, progress, threads, amp, latency)
     finally:
         torch.set_num_threads(prev_threads)
         for lg in loggers:
@@ -480,7 +549,8 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), progress: bool = T
         handler.close()
 
 
-def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optional[int], amp: str) -> dict:
+def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optional[int], amp: str,
+              latency: str = "auto") -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     if threads:
         torch.set_num_threads(threads)
@@ -539,12 +609,14 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     if c.baseline_epochs > 0:
         t_base = time.perf_counter()
         baseline_loader = ClutteredDigitsLoader(c.train_images, c, c.batch_size, seed=c.seed, epoch_offset=5000)
-        _, base_acc, base_macs = train_full_resolution_backbone(c, baseline_loader, test_x, test_y, amp)
+        base_model, base_acc, base_macs = train_full_resolution_backbone(c, baseline_loader, test_x, test_y, amp)
         baseline = {"macs": base_macs, "acc": base_acc, "epochs": c.baseline_epochs,
                     "what": f"{c.arch} alone on the whole {c.canvas}x{c.canvas} canvas"}
         log.info("full-resolution %s: %.1f%% held-out accuracy, %.1f MMACs per image (GFNet all steps: %.1f), "
                  "%.0f s", c.arch, base_acc, base_macs / 1e6, net.meta.flops[-1] / 1e6,
                  time.perf_counter() - t_base)
+    latency_summary = measure_latency(net, thresholds, test_x, test_y, base_model, c, out_dir, latency) \
+        if baseline is not None else {"skipped": "no full-resolution backbone trained (baseline_epochs=0)"}
     claims = method_claims(learned, rand_acc, c.min_gain)
     results = {
         "label": f"GFNet demo ({net.arch}, T={net.T})",
@@ -562,6 +634,7 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
         "budgeted_batch_classification": [budget_flops, budget_acc],
         "flops": net.meta.flops,
         "baseline": baseline,
+        "latency": latency_summary,
         "pretraining_train_accuracy": pre_acc,
         "history": {f"stage{k}": v for k, v in histories.items()},
         "checkpoint": ckpt,
@@ -569,7 +642,8 @@ def _run_demo(out_dir: str, config: DemoConfig, progress: bool, threads: Optiona
     results_path = os.path.join(out_dir, RESULTS_FILE)
     _write_json(results_path, results)  # the report reads its label
     report = render_report(out_dir)
-    results["figures"] = [report["patches"], report["budget_curve"]]
+    results["figures"] = [report["patches"], report["budget_curve"]] + \
+        ([report["accuracy_latency"]] if report.get("accuracy_latency") else [])
     results["seconds"] = time.perf_counter() - t0
     # CPU seconds of all this process's threads: on a shared machine, wall time alone says little.
     results["cpu_seconds"] = time.process_time() - cpu0

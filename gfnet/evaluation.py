@@ -34,7 +34,7 @@ from gfnet import budget
 from gfnet.engine import budgeted_predict
 
 __all__ = ["EvaluationResult", "RealExitRow", "ShardOutputs", "checkpoint_summary", "collect_confidences",
-           "collect_shard_outputs", "gather_outputs", "evaluate_checkpoint", "DEFAULT_TRAIN_SUBSET",
+           "collect_shard_outputs", "gather_outputs", "evaluate_checkpoint", "evaluate_package", "DEFAULT_TRAIN_SUBSET",
            "DEFAULT_REAL_EXIT_POINTS"]
 
 #: The reference fits its thresholds on 200000 random training images.
@@ -268,6 +268,17 @@ def collect_confidences(net, loader, dtype=None, limit: Optional[int] = None):
     return out.confidences, out.targets, out.seconds
 
 
+def _say_tables(say, header: str, anytime: list, flops, costs: list, accuracies: list) -> None:
+    """The report of eval modes 1 and 2 (checkpoints and deployment packages alike): the anytime accuracies and
+    the budgeted batch classification table."""
+    say(header)
+    say("anytime_classification: " + _format_value(anytime))
+    say("flops per step count: " + _format_value(flops))
+    say("budgeted batch classification (point: expected Multiply-Adds, top-1 %):")
+    for p, (cost, accuracy) in enumerate(zip(costs, accuracies), start=1):
+        say(f"  {p:2d}  {cost:.4g}  {accuracy:.2f}")
+
+
 def _anytime_accuracy(confidences, targets) -> list:
     _, preds = confidences
     return [float((preds[k] == targets).double().mean() * 100.0) for k in range(preds.shape[0])]
@@ -431,13 +442,9 @@ def _evaluate_checkpoint(checkpoint: str, eval_mode: int, data: Optional[str] = 
             val.confidences, val.targets, flops, thresholds=None if eval_mode == 2 else stored)
         result.budgeted_batch_classification = [costs, accuracies]
 
-        say(f"{net.arch}, patch {net.patch_size}, T={net.T}: {result.num_val} validation images"
-            + (f" on {world} processes" if world > 1 else ""))
-        say("anytime_classification: " + _format_value(result.anytime_classification))
-        say("flops per step count: " + _format_value(flops))
-        say("budgeted batch classification (point: expected Multiply-Adds, top-1 %):")
-        for p, (cost, accuracy) in enumerate(zip(costs, accuracies), start=1):
-            say(f"  {p:2d}  {cost:.4g}  {accuracy:.2f}")
+        _say_tables(say, f"{net.arch}, patch {net.patch_size}, T={net.T}: {result.num_val} validation images"
+                    + (f" on {world} processes" if world > 1 else ""), result.anytime_classification, flops, costs,
+                    accuracies)
     if ctx is not None and world > 1 and real_exit:
         thresholds = ctx.broadcast_object(thresholds)  # every rank's scheduler needs them
     result.dynamic_threshold = thresholds
@@ -571,3 +578,134 @@ def _real_exit_on_shard(net, loader, row, batch_size, dtype, flops, local: Shard
     correct = int((out.preds == out.targets).sum()) if out.targets is not None else 0
     return dict(images=int(out.preds.numel()), correct=correct, macs_spent=float(out.macs_spent),
                 seconds=float(out.seconds), images_per_second=float(out.images_per_second), same=same)
+
+
+# ----------------------------------------------------------------------------- deployment packages
+def _package_outputs(pkg, loader, batch_size: int):
+    """Every step of a deployment package on every batch of ``loader``: (the compact statistics on the CPU, the
+    seconds spent in the runtime alone)."""
+    max_probs, preds, targets = [], [], []
+    start = time.perf_counter()
+    compute = 0.0
+    for images, labels in loader:
+        images = images.cpu().numpy()
+        tick = time.perf_counter()
+        out = pkg.anytime(images, batch_size=min(batch_size, pkg.max_batch or batch_size))
+        compute += time.perf_counter() - tick
+        probs = torch.from_numpy(out.probs)
+        mp, pr = budget.confidences(probs)
+        max_probs.append(mp)
+        preds.append(pr)
+        targets.append(torch.as_tensor(labels).reshape(-1).cpu().long())
+    seconds = time.perf_counter() - start
+    if not targets:
+        raise ValueError("the loader yielded no images")
+    n = sum(t.numel() for t in targets)
+    return ShardOutputs(torch.cat(max_probs, 1), torch.cat(preds, 1), torch.cat(targets), torch.arange(n), seconds,
+                        n / max(seconds, 1e-9)), compute
+
+
+def evaluate_package(package: str, eval_mode: int, data: Optional[str] = None, batch_size: int = 64,
+                     train_subset: Optional[int] = None, real_exit: bool = False, backend: str = "dali", seed: int = 0,
+                     real_exit_points: Sequence[int] = DEFAULT_REAL_EXIT_POINTS, num_threads: Optional[int] = None,
+                     threads: Optional[int] = None, log: Optional[Callable[[str], None]] = print) -> EvaluationResult:
+    """Evaluate a deployment package (:func:`gfnet.deploy.export`) as :func:`evaluate_checkpoint` evaluates a
+    checkpoint: mode 0 prints what its manifest stores; mode 1 runs the manifest's stored thresholds on
+    ``data/val``; mode 2 fits the 39 thresholds on a random subset of ``data/train`` first. The images come from
+    gfnet.data's loaders (the package's S, crop_pct and interpolation; uint8 or normalised float as it was
+    exported), every step of every image through the package's runtime (:meth:`Package.anytime`); the tables are
+    the checkpoint's. ``real_exit``: :meth:`Package.predict` at ``real_exit_points``, its exits compared with the
+    post-hoc simulation on the same runtime's probabilities (equal except for images it reports ambiguous).
+
+    ``threads``: the runtime's intra-op threads; ``num_threads``: the data pipeline's.
+    """
+    from gfnet.data import make_loader
+    from gfnet.deploy import load, read_manifest
+
+    say = log if log is not None else (lambda line: None)
+    if eval_mode not in (0, 1, 2):
+        raise ValueError(f"eval_mode must be 0, 1 or 2, got {eval_mode}")
+    manifest = read_manifest(package, verify=False) if eval_mode == 0 else None
+    if eval_mode == 0:
+        summary = {"model_arch": manifest["arch"], "runtime": manifest["runtime"],
+                   "input_dtype": manifest["input"]["dtype"], "image_size": manifest["image_size"],
+                   "patch_size": manifest["patch_size"], "T": manifest["T"], "flops": manifest["flops"],
+                   "anytime_classification": manifest.get("anytime_classification"),
+                   "budgeted_batch_classification": manifest.get("budgeted_batch_classification")}
+        for key, value in summary.items():
+            say(f"{key}: {_format_value(value)}")
+        return EvaluationResult(mode=0, summary=summary)
+    if data is None:
+        raise ValueError(f"eval mode {eval_mode} needs the dataset root (data=ROOT holding train/ and val/)")
+    bad_points = [p for p in (real_exit_points if real_exit else ()) if not 1 <= p <= budget.BUDGET_POINTS]
+    if bad_points:
+        raise ValueError(f"real-exit points must be in 1..{budget.BUDGET_POINTS}, got {bad_points}")
+    pkg = load(package, threads=threads)
+    m = pkg.manifest
+    stored = m.get("dynamic_threshold")
+    if eval_mode == 1 and not stored:
+        raise ValueError(f"{package} stores no dynamic_threshold (its checkpoint had none): run eval mode 2 to fit "
+                         "thresholds")
+    summary = {"model_arch": pkg.arch, "runtime": pkg.runtime, "input_dtype": pkg.input_dtype}
+    result = EvaluationResult(mode=eval_mode, summary=summary)
+    interpolation = m.get("interpolation") or {}
+    loader_args = dict(batch_size=batch_size, image_size=pkg.image_size,
+                       crop_pct=float(interpolation.get("crop_pct", 0.875)),
+                       interpolation=interpolation.get("dataset", "bilinear"), backend=backend, device="cpu",
+                       num_threads=num_threads, output="uint8" if pkg.input_dtype == "uint8" else "float")
+    train = None
+    if eval_mode == 2:
+        train_loader = make_loader(data, train=False, split="train", **loader_args)
+        subset = DEFAULT_TRAIN_SUBSET if train_subset is None else int(train_subset)
+        if subset < 1:
+            raise ValueError(f"train_subset must be >= 1, got {subset}")
+        train_loader, result.num_train = _train_subset_loader(train_loader, subset, seed)
+        say(f"fitting thresholds on {result.num_train} training images ({pkg.runtime} package)")
+        train, _ = _package_outputs(pkg, train_loader, batch_size)
+    val_loader = make_loader(data, train=False, **loader_args)
+    val, val_compute = _package_outputs(pkg, val_loader, batch_size)
+    result.num_val = int(val.targets.numel())
+    result.anytime_seconds, result.anytime_images_per_second = val.seconds, val.images_per_second
+    result.anytime_classification = _anytime_accuracy(val.confidences, val.targets)
+    thresholds, accuracies, costs = budget.budget_curve(
+        train.confidences if train is not None else None, train.targets if train is not None else None,
+        val.confidences, val.targets, pkg.flops, thresholds=None if eval_mode == 2 else torch.as_tensor(stored))
+    result.dynamic_threshold = thresholds
+    result.budgeted_batch_classification = [costs, accuracies]
+    _say_tables(say, f"{pkg.arch}, patch {pkg.patch_size}, T={pkg.T} ({pkg.runtime} package, {pkg.input_dtype} "
+                f"input): {result.num_val} validation images", result.anytime_classification, pkg.flops, costs,
+                accuracies)
+    if real_exit:
+        say(f"real early exit ({pkg.runtime}; all T steps: {result.num_val / max(val_compute, 1e-12):.1f} images/s in "
+            "the runtime, data loading apart):")
+        for p in real_exit_points:
+            row = thresholds[p - 1]
+            preds, steps, ambiguous, seconds, n = [], [], [], 0.0, 0
+            for images, _ in val_loader:
+                out = pkg.predict(images.cpu().numpy(), row.tolist(),
+                                  batch_size=min(batch_size, pkg.max_batch or batch_size))
+                preds.append(torch.from_numpy(out.preds))
+                steps.append(torch.from_numpy(out.exit_step))
+                ambiguous.append(torch.from_numpy(out.ambiguous))
+                seconds += out.seconds
+                n += out.preds.size
+            preds, steps, ambiguous = torch.cat(preds), torch.cat(steps), torch.cat(ambiguous)
+            simulated = budget.exit_steps(val.confidences, row)
+            simulated_preds = val.preds.gather(0, simulated.view(1, -1)).squeeze(0)
+            clear = ~ambiguous
+            same = bool(torch.equal(steps[clear], simulated[clear])
+                        and torch.equal(preds[clear], simulated_preds[clear]))
+            spent = float(torch.as_tensor(pkg.flops, dtype=torch.float64)[steps].mean())
+            measured = RealExitRow(point=p, thresholds=row.tolist(),
+                                   accuracy=100.0 * float((preds == val.targets).double().mean()),
+                                   expected_macs=costs[p - 1], measured_macs=spent,
+                                   images_per_second=n / max(seconds, 1e-12), seconds=seconds,
+                                   time_ratio=seconds / max(val_compute, 1e-12),
+                                   macs_ratio=costs[p - 1] / pkg.flops[-1],
+                                   matches_simulation=same)
+            result.real_exit.append(measured)
+            say(f"  point {p:2d}: {measured.images_per_second:.1f} images/s, time ratio {measured.time_ratio:.3f} "
+                f"vs Multiply-Adds ratio {measured.macs_ratio:.3f}, top-1 {measured.accuracy:.2f}%"
+                + (f", {int(ambiguous.sum())} ambiguous" if bool(ambiguous.any()) else "")
+                + ("" if same else "  [differs from the post-hoc simulation]"))
+    return result

@@ -3,6 +3,8 @@ demo -> ``gfnet-viz report`` contract on the demo's real output folder."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +14,14 @@ from PIL import Image
 import gfnet
 from gfnet import budget
 from gfnet.demo import QUICK, digit_patch_actions, make_cluttered_digits
+from gfnet.viz import report
 from gfnet.viz.report import BUDGET_CURVE_FILE, CHECKPOINT_FILE, PATCHES_FILE, RESULTS_FILE, SAMPLES_FILE
 
+from helpers import module_blocker
+
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+LATENCY_FILE, ACCURACY_LATENCY_FILE = report.LATENCY_FILE, report.ACCURACY_LATENCY_FILE
 
 
 PRECISION = {"none": "fp32", "bf16": "bf16 autocast"}  # gfnet-demo --amp -> results.json's "precision"
@@ -32,7 +39,10 @@ def quick_demo(request, tmp_path_factory):
     prev = torch.get_num_threads()
     out = tmp_path_factory.mktemp("demo") / "out"
     amp = ["--amp", amp_name] if amp_name != "none" else []
-    status = main(["--out", str(out), "--quick", "--no-progress", "--threads", "1", "--seed", str(seed), *amp])
+    # the latency figure: eager PyTorch and ONNX Runtime (where installed) once, eager PyTorch alone in the others
+    latency = [] if (amp_name, seed) == ("none", 0) else ["--latency", "eager"]
+    status = main(["--out", str(out), "--quick", "--no-progress", "--threads", "1", "--seed", str(seed), *amp,
+                   *latency])
     assert torch.get_num_threads() == prev  # the demo restores the caller's thread count
     results = json.loads((out / RESULTS_FILE).read_text())
     assert results["precision"] == PRECISION[amp_name]
@@ -123,11 +133,12 @@ def test_report_reads_the_real_demo_folder(quick_demo, capsys):
     out, results, _, _ = quick_demo
     assert {CHECKPOINT_FILE, RESULTS_FILE, SAMPLES_FILE} <= set(os.listdir(out))
     # the demo drew its pictures through the report: the same files
-    assert results["figures"] == [str(out / PATCHES_FILE), str(out / BUDGET_CURVE_FILE)]
-    for name in (PATCHES_FILE, BUDGET_CURVE_FILE):
+    drawn = [str(out / PATCHES_FILE), str(out / BUDGET_CURVE_FILE), str(out / ACCURACY_LATENCY_FILE)]
+    assert results["figures"] == drawn
+    for name in (PATCHES_FILE, BUDGET_CURVE_FILE, ACCURACY_LATENCY_FILE):
         os.remove(out / name)
     assert viz_main(["report", str(out)]) == 0
-    assert capsys.readouterr().out.split() == [str(out / PATCHES_FILE), str(out / BUDGET_CURVE_FILE)]
+    assert capsys.readouterr().out.split() == drawn
     samples = torch.load(out / SAMPLES_FILE, weights_only=True)
     n, S = samples["images"].shape[0], QUICK.canvas
     k = 256 // S
@@ -232,3 +243,69 @@ def test_gfnet_eval_scores_the_demo_checkpoint_on_its_canvas_tree(quick_demo, tm
     anytime = [float(v) for v in line.split("[")[1].rstrip("]").split(",")]
     one_image = 100.0 / QUICK.test_images + 1e-6
     assert anytime == pytest.approx(results["anytime_accuracy_learned_policy"], abs=one_image)
+
+
+def test_demo_draws_accuracy_against_latency(quick_demo):
+    """The demo times its GFNet at budgets of its curve and its full-resolution backbone, one canvas at a time on 1
+    thread, in eager PyTorch and (where gfnet[deploy] is installed, with the default --latency auto) ONNX Runtime;
+    the accuracies of the figure are those of the stored thresholds on the same canvases."""
+    import importlib.util
+
+    from gfnet.deploy.exporter import missing_dependencies
+
+    out, results, _, seed = quick_demo
+    lat = results["latency"]
+    data = json.loads((out / LATENCY_FILE).read_text())
+    auto = (results["precision"], seed) == ("fp32", 0)
+    expected = ["eager"] + (["onnx"] if auto and not missing_dependencies("onnx") else [])
+    assert [d["runtime"] for d in data] == expected == sorted(lat["runtimes"], key=expected.index)
+    assert lat["skipped"] is None and importlib.util.find_spec("torch")
+    c = dataclasses.replace(QUICK, seed=seed)
+    n = lat["images"]
+    assert n == min(c.latency_images, c.test_images) and lat["budgets"] == [0, 19, 38]
+    net = gfnet.load_checkpoint(str(out / CHECKPOINT_FILE)).eval()
+    test_x, test_y, _ = make_cluttered_digits(c.test_images, "test", c.canvas, c.digit_size, c.fragments, c.seed,
+                                              noise=c.noise)
+    probs = net.anytime_predict(test_x[:n]).probs
+    thresholds = torch.as_tensor(net.meta.dynamic_threshold)
+    one_image = 100.0 / n + 1e-9
+    for d in data:
+        assert d["threads"] == 1 and d["images"] == n and d["cpu"]
+        assert [p["budget"] for p in d["points"]] == lat["budgets"]
+        for p in d["points"]:
+            acc, _ = budget.evaluate(probs, test_y[:n], net.meta.flops, thresholds[p["budget"]])
+            assert p["accuracy"] == pytest.approx(acc, abs=one_image)
+            assert 0 < p["p50_ms"] <= p["p99_ms"] and p["mean_ms"] > 0
+        assert d["backbone"]["accuracy"] == lat["backbone_accuracy_on_these_images"]
+        assert d["backbone"]["macs"] == results["baseline"]["macs"] and d["backbone"]["mean_ms"] > 0
+    fastest = min(data, key=lambda d: d["all_steps"]["mean_ms"])
+    assert lat["fastest_runtime"] == fastest["runtime"] and fastest["runtime"] in lat["sentence"]
+    assert lat["sentence"].startswith(("at the backbone's accuracy", "GFNet does not reach"))
+    with Image.open(out / ACCURACY_LATENCY_FILE) as im:
+        assert im.size[0] > 100
+
+
+def test_demo_latency_without_the_deploy_packages_says_what_to_install(quick_demo, tmp_path):
+    # a machine without gfnet[deploy] (its modules blocked in a fresh interpreter): the figure is eager PyTorch's,
+    # and the summary says what was skipped and what to install
+    out, results, _, seed = quick_demo
+    if (results["precision"], seed) != ("fp32", 0):
+        pytest.skip("one demo checkpoint is enough")
+    # torch and timm first: torch._dynamo probes optional modules with find_spec when it is imported
+    blocker = module_blocker("onnxscript", "onnxruntime", "executorch")
+    code = "import dataclasses, json, timm, torch, gfnet\n" + blocker + (
+        "import gfnet.deploy.latency\n"
+        "from gfnet.demo import QUICK, measure_latency, test_canvases\n"
+        f"c = dataclasses.replace(QUICK, seed={seed}, latency_images=4, latency_budgets=2)\n"
+        f"net = gfnet.load_checkpoint({str(out / CHECKPOINT_FILE)!r}).eval()\n"
+        "x, y, _ = test_canvases(c)\n"
+        "backbone = timm.create_model(c.arch, pretrained=False, num_classes=10)\n"
+        f"res = measure_latency(net, net.meta.dynamic_threshold, x, y, backbone, c, {str(tmp_path)!r})\n"
+        "print(json.dumps(res))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(res["runtimes"]) == ["eager"] and res["budgets"] == [0, 38]
+    assert res["skipped"].startswith("ONNX Runtime latency skipped: it needs onnxscript, onnxruntime")
+    assert "pip install 'gfnet[deploy]'" in res["skipped"]
+    assert [d["runtime"] for d in json.loads((tmp_path / LATENCY_FILE).read_text())] == ["eager"]

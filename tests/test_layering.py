@@ -1,6 +1,6 @@
 """The import graph of gfnet runs downward only, with no circles (issue 13):
 
-    cli -> bench -> applications (demo, evaluation, train, viz) -> engine, checkpoint -> models
+    cli -> bench -> applications (demo, deploy, evaluation, train, viz) -> engine, checkpoint -> models
     -> ops, data, budget, flops -> kernels, gfnet._C and the leaf modules (config, precision, device, _extension,
     atomic)
 
@@ -15,6 +15,8 @@ from collections import defaultdict
 
 import gfnet
 
+from helpers import TORCH_BLOCKER
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = {"gfnet": "gfnet", "gfnet.kernels": "kernels", "gfnet.bench": "bench"}
 
@@ -24,7 +26,7 @@ LAYERS = {
     1: {"gfnet.ops", "gfnet.data", "gfnet.budget", "gfnet.flops"},
     2: {"gfnet.models"},
     3: {"gfnet.engine", "gfnet.checkpoint"},
-    4: {"gfnet.train", "gfnet.evaluation", "gfnet.demo", "gfnet.viz"},
+    4: {"gfnet.train", "gfnet.evaluation", "gfnet.demo", "gfnet.viz", "gfnet.deploy"},
     5: {"gfnet.bench"},
     6: {"gfnet.cli"},
 }
@@ -126,3 +128,21 @@ def test_importing_the_ops_leaves_triton_unloaded_until_a_triton_kernel_runs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_deploy_runtime_imports_no_torch():
+    # gfnet.deploy sits with the applications (its exporter uses the models and the engine), but its runtime
+    # (load, Package.predict) and the manifest must import neither torch nor any module that does: an ONNX package
+    # runs where only numpy and onnxruntime are installed (tests/test_deploy.py runs one there).
+    code = TORCH_BLOCKER + (
+        "import gfnet, gfnet.deploy\n"
+        "from gfnet.deploy import load, read_manifest, PackageError, Package, DeployPrediction\n"
+        "import gfnet.deploy.runtime, gfnet.deploy.manifest\n"
+        "assert 'torch' not in sys.modules\n"
+        "try:\n"
+        "    import torch\n"
+        "except ModuleNotFoundError:\n"
+        "    print('blocked')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "blocked"  # the blocker works: a module that imported torch would have failed

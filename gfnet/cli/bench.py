@@ -26,6 +26,7 @@ SUITES = {
     "budget": "gfnet.bench.bench_budget",
     "train": "gfnet.bench.bench_train",
     "eval": "gfnet.bench.bench_eval",  # distributed evaluation against the number of torchrun processes
+    "latency": "gfnet.bench.bench_latency",  # batch-1 latency of a deployed GFNet in four runtimes
 }
 
 

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision of training and evaluation: none = fp32 (default; the numbers README quotes), "
                         "bf16 = bf16 autocast throughout (faster on CPUs with native bf16 units; its measured "
                         "accuracy effect: bench/results/demo_bf16_cpu.md)")
+    p.add_argument("--latency", choices=("auto", "eager", "none"), default="auto",
+                   help="the accuracy-against-latency figure (batch 1, 1 thread): auto = eager PyTorch and, where "
+                        "gfnet[deploy] is installed, ONNX Runtime (default); eager = eager PyTorch only; none = skip")
     p.add_argument("--overwrite", action="store_true",
                    help="let this run replace what --out holds (by default a folder that is not empty is refused, "
                         "so that an earlier demo's results are never lost)")
@@ -64,10 +67,13 @@ def _demo(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.INFO)
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the latency figure's ONNX export narrates every pass
+        logging.getLogger(name).setLevel(logging.WARNING)
     config = QUICK if args.quick else DemoConfig()
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
-    results = run_demo(args.out, config, progress=not args.no_progress, threads=args.threads or None, amp=args.amp)
+    results = run_demo(args.out, config, progress=not args.no_progress, threads=args.threads or None, amp=args.amp,
+                       latency=args.latency)
     learned, rand = results["anytime_accuracy_learned_policy"], results["anytime_accuracy_random_patches"]
     print(f"\nGFNet demo ({config.arch}, P={config.patch_size}, T={config.T}, {config.canvas}px canvases), "
           f"held-out digits, {results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} CPU-s on "
@@ -81,6 +87,12 @@ def _demo(args) -> int:
         b = results["baseline"]
         print(f"  {config.arch} alone at full resolution:         {b['acc']:.1f}% at {b['macs'] / 1e6:.1f} MMACs "
               f"(GFNet, all {config.T} steps: {results['flops'][-1] / 1e6:.1f} MMACs)")
+    lat = results.get("latency") or {}
+    if lat.get("sentence"):
+        print(f"  latency (batch 1, 1 thread, {lat['images']} held-out canvases, {lat['fastest_runtime']}): "
+              f"{lat['sentence']}")
+    if lat.get("skipped"):
+        print(f"  latency: {lat['skipped']}")
     print(f"report: {args.out} (results.json, {', '.join(results['figures']) or 'no figures'})")
     if results["verdict"] == "shown":
         print(f"method shown: both gains are at least {claims['min_gain_points']:g} points")

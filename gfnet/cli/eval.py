@@ -3,9 +3,12 @@
     gfnet-eval --checkpoint PATH --eval-mode 0
     gfnet-eval --checkpoint PATH --eval-mode 1 --data ROOT [--real-exit] [--write]
     gfnet-eval --checkpoint PATH --eval-mode 2 --data ROOT [--train-subset N] [--real-exit] [--write]
+    gfnet-eval --package DIR --eval-mode {0,1,2} [--data ROOT] [--threads N] [--real-exit]
 
 Mode 0 prints what the checkpoint stores; mode 1 evaluates its stored thresholds on ROOT/val; mode 2 fits
 the thresholds on a random subset of ROOT/train first. The logic is gfnet.evaluation.evaluate_checkpoint.
+With --package, a deployment package (gfnet-export) is evaluated the same way, every image through its
+runtime (ONNX Runtime or ExecuTorch): gfnet.evaluation.evaluate_package.
 
 Under torchrun the same command runs on every process and node, each reading its shard:
 
@@ -26,15 +29,26 @@ import argparse
 import os
 import sys
 
-from gfnet.cli._errors import check_writable_file, nonnegative_int, parse_device, positive_int, run_command
+from gfnet.cli._errors import (
+    UsageError,
+    check_writable_file,
+    nonnegative_int,
+    parse_device,
+    positive_int,
+    run_command,
+)
 from gfnet.device import gpu_settings
 from gfnet.evaluation import DEFAULT_REAL_EXIT_POINTS, DEFAULT_TRAIN_SUBSET, evaluate_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gfnet-eval", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a .pth.tar checkpoint (gfnet's or the reference's, "
-                   "release or train.py layout)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a .pth.tar checkpoint (gfnet's or the reference's, release or "
+                        "train.py layout)")
+    source.add_argument("--package", help="a deployment package folder (gfnet-export): evaluated in its runtime")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="--package: the runtime's intra-op threads (default: the runtime's own)")
     p.add_argument("--arch", default=None, help="backbone, for files that do not name it (the reference train.py's)")
     p.add_argument("--patch-size", type=int, default=None, help="patch size, for files that do not store it")
     p.add_argument("--T", type=int, default=None, help="sequence length, for files that do not store it")
@@ -77,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args) -> int:
     if args.eval_mode in (1, 2) and args.data is None:
         raise ValueError(f"--eval-mode {args.eval_mode} needs --data ROOT")
+    if args.package is not None:
+        return _evaluate_package(args)
+    if args.threads is not None:
+        raise UsageError("--threads sets a deployment package's runtime threads: it goes with --package")
     parse_device(args.device)
     from gfnet.budget import BUDGET_POINTS
 
@@ -109,6 +127,28 @@ def _evaluate(args) -> int:
     finally:
         if ctx is not None:
             ctx.close()
+    return 0
+
+
+def _evaluate_package(args) -> int:
+    refused = [flag for flag, given in (("--write", args.write), ("--compile", args.compile),
+                                        ("--channels-last", args.channels_last), ("--dtype", args.dtype is not None),
+                                        ("--device", args.device not in (None, "cpu")), ("--arch", args.arch),
+                                        ("--patch-size", args.patch_size), ("--T", args.T)) if given]
+    if refused:
+        raise UsageError(f"{', '.join(refused)} apply to checkpoints; a package runs as it was exported (its runtime "
+                         "on the CPU, its manifest's model)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--package runs in one process; start it without torchrun")
+    from gfnet.budget import BUDGET_POINTS
+    from gfnet.evaluation import evaluate_package
+
+    outside = [p for p in args.real_exit_points if not 1 <= p <= BUDGET_POINTS]
+    if args.real_exit and outside:
+        raise ValueError(f"--real-exit-points must be in 1..{BUDGET_POINTS}, got {outside}")
+    evaluate_package(args.package, args.eval_mode, data=args.data, batch_size=args.batch_size,
+                     train_subset=args.train_subset, real_exit=args.real_exit, backend=args.backend, seed=args.seed,
+                     real_exit_points=args.real_exit_points, num_threads=args.num_threads, threads=args.threads)
     return 0
 
 

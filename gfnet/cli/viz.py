@@ -5,6 +5,7 @@
               [--labels L1 L2 ...] [--class-names FILE] [--ncols 4] [--scale K]
     gfnet-viz budget SOURCE... --out FILE.png|FILE.svg [--labels NAME...] [--baseline MACS ACC]
     gfnet-viz bench RESULTS.json... --out FILE.png|DIR
+    gfnet-viz latency RESULTS.json... --out FILE.png|FILE.svg [--labels NAME...]
     gfnet-viz report DEMO_DIR [--threshold-index 19] [--bench RESULTS.json...]
 
 `patches` is the default command: `gfnet-viz --checkpoint ... --images ... --out ...` works as is.
@@ -19,7 +20,7 @@ from typing import List, Optional
 
 from gfnet.cli._errors import parse_device, positive_int, prepare_output_dir, run_command
 
-COMMANDS = ("patches", "budget", "bench", "report")
+COMMANDS = ("patches", "budget", "bench", "report", "latency")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="a folder (<suite>.png each) or NAME.png (NAME_<suite>.png "
                                                 "when there are several suites)")
 
-    r = sub.add_parser("report", help="patches.png and budget_curve.png from a gfnet-demo output folder")
+    lat = sub.add_parser("latency", help="top-1 accuracy vs batch-1 latency of a deployed GFNet and its backbone "
+                                         "(gfnet.deploy.latency.accuracy_latency_points results, JSON)")
+    lat.add_argument("results", nargs="+", help="JSON files of AccuracyLatency.to_dict() (one or a list each)")
+    lat.add_argument("--out", required=True, help=".png, .svg or .pdf")
+    lat.add_argument("--labels", nargs="+", default=None, help="legend name per result")
+    lat.add_argument("--title", default=None)
+
+    r = sub.add_parser("report", help="patches.png, budget_curve.png (and accuracy_latency.png where the "
+                                      "folder has latency.json) from a gfnet-demo output folder")
     r.add_argument("demo_dir")
     r.add_argument("--threshold-index", type=int, default=19)
     r.add_argument("--max-images", type=positive_int, default=8)
@@ -163,10 +172,15 @@ def _run(args) -> int:
         for path in viz.plot_bench(args.results, args.out):
             print(path)
         return 0
+    if args.command == "latency":
+        data = viz.plot_accuracy_latency(args.results, args.out, labels=args.labels, title=args.title)
+        print(f"{args.out}: {', '.join(d['arch'] + ' ' + d['runtime'] for d in data)}")
+        return 0
     paths = viz.render_report(args.demo_dir, threshold_index=args.threshold_index,
                               max_images=args.max_images, bench=args.bench)
-    for key in ("patches", "budget_curve"):
-        print(paths[key])
+    for key in ("patches", "budget_curve", "accuracy_latency"):
+        if paths.get(key):
+            print(paths[key])
     for path in paths["bench"]:
         print(path)
     return 0

@@ -18,7 +18,7 @@ from gfnet.viz.patches import plot_patches
 from gfnet.viz.style import PathLike
 
 __all__ = ["CHECKPOINT_FILE", "RESULTS_FILE", "SAMPLES_FILE", "PATCHES_FILE", "BUDGET_CURVE_FILE",
-           "render_report"]
+           "LATENCY_FILE", "ACCURACY_LATENCY_FILE", "render_report"]
 
 #: The trained GFNet, reference format, evaluation fields filled (:func:`gfnet.save_checkpoint`).
 CHECKPOINT_FILE = "checkpoint.pth.tar"
@@ -29,6 +29,10 @@ SAMPLES_FILE = "samples.pt"
 #: The pictures :func:`render_report` writes into the folder.
 PATCHES_FILE = "patches.png"
 BUDGET_CURVE_FILE = "budget_curve.png"
+#: Batch-1 accuracy-latency results (optional): a JSON list of ``gfnet-accuracy-latency/1`` dicts, one per
+#: runtime (:meth:`gfnet.deploy.latency.AccuracyLatency.to_dict`); drawn as :data:`ACCURACY_LATENCY_FILE`.
+LATENCY_FILE = "latency.json"
+ACCURACY_LATENCY_FILE = "accuracy_latency.png"
 
 
 def render_report(demo_dir: PathLike, threshold_index: int = 19, max_images: int = 8, ncols: int = 4,
@@ -47,10 +51,14 @@ def render_report(demo_dir: PathLike, threshold_index: int = 19, max_images: int
       normalised with ImageNet's mean/std), ``labels`` Tensor[N] int64 (optional), ``class_names`` list of
       str (optional). The first ``max_images`` are drawn.
 
+    - :data:`LATENCY_FILE` (optional): accuracy against batch-1 latency per runtime, with the full-resolution
+      backbone's point.
+
     Writes :data:`PATCHES_FILE` (thresholds: row ``threshold_index`` of ``dynamic_threshold``, 19 = equal
     exit shares, the middle row if the table is shorter; no exit is marked when there is no table),
-    :data:`BUDGET_CURVE_FILE`, and, when ``bench`` names result JSON files, ``bench.png`` (one suite) or
-    ``bench_<suite>.png`` per suite. Returns {"patches": path, "budget_curve": path, "bench": [paths]}.
+    :data:`BUDGET_CURVE_FILE`, :data:`ACCURACY_LATENCY_FILE` when :data:`LATENCY_FILE` exists, and, when
+    ``bench`` names result JSON files, ``bench.png`` (one suite) or ``bench_<suite>.png`` per suite. Returns
+    {"patches": path, "budget_curve": path, "accuracy_latency": path or None, "bench": [paths]}.
     """
     from gfnet.checkpoint import load_checkpoint
 
@@ -88,6 +96,13 @@ def render_report(demo_dir: PathLike, threshold_index: int = 19, max_images: int
     curve = os.path.join(demo_dir, BUDGET_CURVE_FILE)
     plot_budget_curve([meta], curve)
     out["budget_curve"] = curve
+    out["accuracy_latency"] = None
+    latency = os.path.join(demo_dir, LATENCY_FILE)
+    if os.path.isfile(latency):
+        from gfnet.viz.latency import plot_accuracy_latency
+
+        out["accuracy_latency"] = os.path.join(demo_dir, ACCURACY_LATENCY_FILE)
+        plot_accuracy_latency(latency, out["accuracy_latency"])
     if bench:
         out["bench"] = plot_bench(bench, os.path.join(demo_dir, "bench.png"))
     return out
