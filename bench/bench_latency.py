@@ -271,8 +271,8 @@ def _throughput(device, providers, all_cores: int, seed: int, workdir: str,
             fns[NAMES[fmt]] = (lambda pkg=pkg: torch.from_numpy(pkg.anytime(uint8.numpy()).probs))
     ref = fns[reference]()
     for name, fn in fns.items():
-        check_close(f"throughput {arch}: {name} against {reference}", fn(), ref, atol=PROB_ATOL,
-                    why="fused ops and the runtimes' kernels sum in other orders")
+        check_close(f"throughput {arch}: {name} against {reference}", fn(), ref, atol=PROB_ATOL, rtol=1e-3,
+                    why="fused ops and the runtimes' kernels sum in other orders (50 layers, sharpened classifiers)")
     timings = measure(fns, min_run_time=1.0, rounds=3)
     extra = {name: {"arch": arch, "S": S, "P": 96, "T": 5, "setup_s": setup_s.get(name)} for name in fns}
     return make_rows("latency", f"{arch} P=96 T=5: all steps, batch {batch}, {all_cores} thread(s)", timings,

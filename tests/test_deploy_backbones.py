@@ -1,8 +1,11 @@
-"""Deployment packages of the reference backbones: every one exports to ONNX, ResNet-50 (GRU classifier) and
+"""Deployment packages of the reference backbones: they export to ONNX, ResNet-50 (GRU classifier) and
 MobileNet-V3 (cascade) to ExecuTorch too, and a package's early exit equals gfnet's engine image by image.
 
-The nine other backbones' ExecuTorch exports take minutes each on a 2-core machine (XNNPACK lowering); their
-record is bench/results/deploy_exports_cpu.md (``python -m gfnet.bench.deploy_exports``).
+By default one backbone of each family exports to ONNX (resnet50, densenet121, regnety_600m,
+mobilenetv3_large_100, efficientnet_b2: their larger siblings are the same operators in more blocks); all
+eleven with ``GFNET_TEST_ALL_BACKBONES=1``. On the 2-core machine the eleven ONNX exports took 29 minutes of
+a 43-minute run (other jobs sharing the cores), too much for every CI run. ExecuTorch's XNNPACK lowering takes
+minutes per backbone; the other nine's record is ``python -m gfnet.bench.deploy_exports``.
 Each package is exported once per test session (P=32, T=3, 10 classes, the backbone's own S) and shared.
 """
 import os
@@ -106,8 +109,15 @@ def _onnx_op_domains(folder, manifest):
     return domains, ops
 
 
+#: One backbone per family, exported on every run; the others with GFNET_TEST_ALL_BACKBONES=1.
+FAMILIES = ("resnet50", "densenet121", "regnety_600m", "mobilenetv3_large_100", "efficientnet_b2")
+ALL_BACKBONES = os.environ.get("GFNET_TEST_ALL_BACKBONES") == "1"
+
+
 @pytest.mark.parametrize("arch", sorted(REFERENCE_ARCHS))
 def test_every_reference_backbone_exports_to_onnx(arch, packages):
+    if arch not in FAMILIES and not ALL_BACKBONES:
+        pytest.skip(f"{arch}: its family's export runs on every run; all eleven with GFNET_TEST_ALL_BACKBONES=1")
     net, folder, dtype = packages.get(arch, "onnx")
     manifest = read_manifest(folder)
     cfg = REFERENCE_ARCHS[arch]
