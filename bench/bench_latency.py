@@ -69,10 +69,11 @@ def _randomise_batchnorm(net, seed: int) -> None:
 def run(device=None, quick: bool = False, threads=None, arch: str = "mobilenetv3_large_100",
         patch_size: Optional[int] = None, T: Optional[int] = None, num_images: Optional[int] = None,
         points: Optional[Sequence[int]] = None, providers: Optional[Sequence[str]] = None,
-        throughput: Optional[bool] = None, seed: int = 0) -> list:
+        throughput: Optional[bool] = None, seed: int = 0, batch1: bool = True) -> list:
     """Rows of every case (see the module docstring). quick: P=64, T=2, 4 images, points 5/35, eager and ONNX
     Runtime only, 1 thread, no throughput case (under a minute; ExecuTorch's lowering and torch.compile take
-    minutes). ``providers``: a subset of eager, compiled, onnx, executorch (eager, the baseline, always runs)."""
+    minutes). ``providers``: a subset of eager, compiled, onnx, executorch (eager, the baseline, always runs).
+    ``batch1=False``: the throughput case alone (``--set batch1=False --set throughput=True``)."""
     device = resolve_device(device)
     if device.type != "cpu":
         raise ValueError("the latency suite measures CPU runtimes (ONNX Runtime's CPU provider, ExecuTorch's "
@@ -98,7 +99,7 @@ def run(device=None, quick: bool = False, threads=None, arch: str = "mobilenetv3
         with use_threads(None):
             rows = _latency(device, quick, arch, patch_size or (64 if quick else 96), T or (2 if quick else 3),
                             num_images or (4 if quick else 32), tuple(points or ((5, 35) if quick else DEFAULT_POINTS)),
-                            providers, thread_settings, seed, workdir)
+                            providers, thread_settings, seed, workdir) if batch1 else []
             if throughput if throughput is not None else not quick:
                 rows += _throughput(device, providers, int(all_cores), seed, workdir)
         return rows
