@@ -33,13 +33,19 @@ NUM_IMAGES = 8
 PROB_ATOL = 1e-4
 
 
-def _randomise_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
+def _randomise_batchnorm(module: torch.nn.Module, seed: int = 0, affine: bool = False) -> torch.nn.Module:
+    """Non-trivial batch-norm running statistics (and, with ``affine``, weights and biases): a freshly
+    initialised network's mean 0 / var 1 make many activations degenerate; random ones exercise real arithmetic."""
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             n = m.running_mean.numel()
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            if affine and m.weight is not None:
+                m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return module
 
 
 def check_backbone(arch: str, format: str, patch_size: int = 96, T: Optional[int] = None, num_classes: int = 1000,
