@@ -4,8 +4,8 @@ ExecuTorch programs, and a manifest (:mod:`gfnet.deploy.manifest`).
 ``gfnet.export(net, "pkg/", format="onnx")`` (or ``gfnet-export --checkpoint F --format onnx --out pkg/``):
 
 1. the graphs are traced once with ``torch.export`` at a batch of 2 with a dynamic batch dimension (1 up to
-   ``max_batch``; ExecuTorch plans its memory for ``max_batch``, ONNX leaves the dimension unbounded), and
-   checked to hold no gfnet custom op;
+   ``max_batch``; ExecuTorch plans its memory for ``max_batch``, read back from the lowered program and
+   checked; ONNX leaves the dimension unbounded), and checked to hold no gfnet custom op;
 2. ONNX: ``torch.onnx.export`` (the dynamo exporter, onnxscript's optimiser), one ``.onnx`` per graph with its
    weights inside; ExecuTorch: ``to_edge_transform_and_lower`` with the XNNPACK partitioner (convolutions,
    matrix products and most pointwise operations run in XNNPACK, the gathers of the resize and crop in
@@ -145,16 +145,61 @@ def _write_onnx(exported, name: str, path: str) -> None:
     program.save(path, external_data=False)
 
 
-def _write_executorch(exported, path: str) -> None:
+def _restore_batch_bound(exported_program, max_batch: int) -> None:
+    """Give the batch symbol of every input its traced upper bound back.
+
+    XNNPACK's lowering re-runs each convolution's fake kernel, whose CPU backend choice asks "batch >= 16?"
+    of a depthwise convolution (a speed heuristic of PyTorch's own kernels, meaningless to XNNPACK); the
+    answer is not kept as a guard, but it narrows the symbol's range to at most 15 in the shape environment,
+    and ExecuTorch plans its memory from that range: a MobileNet-V3 package exported for 16 images refused 16
+    at run time (``set_inputs`` error 0x10, ExecuTorch 1.5.1, torch 2.14.1). The delegate resizes its
+    tensors at run time; only the plan needs the bound."""
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    user_inputs = set(exported_program.graph_signature.user_inputs)
+    for node in exported_program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        val = node.meta.get("val")
+        dim = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
+        if not isinstance(dim, torch.SymInt):
+            continue
+        env, symbol = dim.node.shape_env, dim.node.expr
+        current = env.var_to_range.get(symbol)
+        if current is not None and current.upper < max_batch:
+            env.var_to_range[symbol] = ValueRanges(current.lower, max_batch)
+
+
+def planned_batch(program) -> int:
+    """The largest batch an ExecuTorch program's memory plan holds: the smallest leading dimension among its
+    inputs' planned (upper-bound) shapes."""
+    ep = program.exported_program()
+    user_inputs = set(ep.graph_signature.user_inputs)
+    sizes = [int(node.meta["spec"].shape[0]) for node in ep.graph.nodes
+             if node.op == "placeholder" and node.name in user_inputs and len(node.meta["spec"].shape)]
+    if not sizes:
+        raise RuntimeError("the lowered ExecuTorch program has no batched input to read its plan from")
+    return min(sizes)
+
+
+def _write_executorch(exported, name: str, max_batch: int, path: str) -> None:
+    """Lower ``exported`` (batch bounded at ``max_batch``) to an ExecuTorch program (XNNPACK delegate) whose
+    memory plan holds ``max_batch`` images (read back and checked), and write it."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        _restore_batch_bound(edge.exported_program(), max_batch)
         # remove_view_copy=False: ExecuTorch's view pass refuses a static-shape view of a dynamic-batch tensor
         # (the crop's index arithmetic has some); the copies it keeps are a few kilobytes per image
         program = edge.to_executorch(ExecutorchBackendConfig(remove_view_copy=False))
+    planned = planned_batch(program)
+    if planned < max_batch:
+        raise RuntimeError(f"ExecuTorch planned the {name} graph for {planned} images, fewer than max_batch="
+                           f"{max_batch}: export with max_batch={planned} or less, or use format='onnx' (any "
+                           "batch)")
     with open(path, "wb") as fh:
         fh.write(program.buffer)
 
@@ -317,7 +362,7 @@ def export(net, out_dir, format: str = "onnx", input_dtype: str = "uint8", max_b
             if format == "onnx":
                 _write_onnx(exported, name, path)
             else:
-                _write_executorch(exported, path)
+                _write_executorch(exported, name, max_batch, path)
         differences = _verify(format, tmp, list(graphs), files, graphs, examples) if verify else None
         cfg = model.config
         steps = [None] + [("classify" if model.fc.is_rnn else f"classify_{t}") for t in range(1, model.T)]
