@@ -75,9 +75,9 @@ def test_in_graph_resize_equals_the_glance_op(mode, size, patch, dtype):
     if dtype == "float32":
         x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(8))
     out = GlanceResize(size, patch, mode, dtype == "uint8", MEAN, STD)(x)
-    # gfnet._C's kernel computes the same taps and weights and sums in the same order; the tolerance covers a
-    # compiler's contraction of a multiply-add (values up to ~3 after the normalisation)
-    assert torch.allclose(out, ops.glance_resize(x, patch, mode=mode, **norm), rtol=0, atol=2e-6)
+    # gfnet._C's kernel computes the same taps and weights; the graph's matrix products sum them (and the
+    # matrix's zeros) in their own blocked order: float32 rounding on values up to ~3 after the normalisation
+    assert torch.allclose(out, ops.glance_resize(x, patch, mode=mode, **norm), rtol=0, atol=4e-6)
     # and the definition itself: F.interpolate(align_corners=True), then the normalisation
     ref = ops.glance_resize(x, patch, mode=mode, backend="torch", **norm)
     assert torch.allclose(out, ref, rtol=0, atol=2e-5)  # the reference sums 16 taps in another order
