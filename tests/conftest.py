@@ -12,7 +12,10 @@ import pytest  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (the README's test command) the workers share the CPUs: each takes its share, so that
+# OpenMP's spinning barriers of one worker never wait on threads the other worker's tests have descheduled.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // max(1, _WORKERS))))
 
 
 @pytest.fixture
@@ -38,7 +41,16 @@ def native_cpu_convolutions():
         torch.backends.mkldnn.enabled = enabled
 
 
+#: The longest test files (minutes each on the 2-core machine), in this order before all others: pytest-xdist's
+#: loadfile mode hands files to its workers in collection order, so the long ones start at once and the short
+#: ones fill in around them (longest first) instead of one long file running alone at the end.
+LONGEST_FILES = ("test_deploy_executorch.py", "test_deploy_backbones.py", "test_distributed.py", "test_demo.py",
+                 "test_deploy.py", "test_faults.py", "test_compile.py", "test_gpucheck.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: file order kept
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
     compiled = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1, which is off where a GPU "
                                        "is present: the cuda tests run the compiled kernels instead")
