@@ -475,3 +475,25 @@ def test_latency_suite_compares_outputs_before_timing(monkeypatch):
     monkeypatch.setattr(latency._PackageRunner, "predict_one", wrong)
     with pytest.raises(OutputMismatch, match="ONNX Runtime exits"):
         bench_latency.run(**kwargs)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "executorch"])
+def test_the_backbone_baseline_runs_in_each_runtime_at_a_batch_past_15(runtime, tmp_path):
+    """The accuracy-against-latency figure's baseline (the backbone alone at full resolution) in a deployment
+    runtime equals the eager backbone, at a batch of 16: ExecuTorch's plan used to stop at 15 images wherever
+    a depthwise convolution sits."""
+    if runtime == "executorch":
+        pytest.importorskip("executorch", reason="the ExecuTorch tests need gfnet[deploy]")
+    from gfnet.deploy.latency import backbone_runner
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 1, 1, groups=8),
+                                   torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(8, 5))
+    images = pixels(16, 11, 24)
+    eager = backbone_runner(backbone, "eager", 24, threads=1, workdir=str(tmp_path))
+    runner = backbone_runner(backbone, runtime, 24, threads=1, workdir=str(tmp_path))
+    expected = np.asarray(eager.fn(eager.as_input(images.numpy())))
+    got = np.asarray(runner.fn(runner.as_input(images.numpy())))
+    assert got.shape == (16, 5)
+    assert np.abs(got - expected).max() <= 1e-5

@@ -241,7 +241,7 @@ def backbone_runner(backbone: nn.Module, runtime: str, image_size: int, threads:
                 torch.onnx.export(exported, (), dynamo=True, input_names=["images"], output_names=["probs"],
                                   optimize=True, verbose=False).save(path, external_data=False)
         else:
-            _write_executorch(exported, path)
+            _write_executorch(exported, "backbone", 64, path)
     graphs = open_graphs(runtime, {"backbone": path}, threads=threads)
     runner = _BackboneRunner(lambda images: graphs.run("backbone", [np.ascontiguousarray(images)])[0],
                              np.ascontiguousarray)
