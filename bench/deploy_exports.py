@@ -11,8 +11,8 @@ CPU seconds of the export, the package's size, the verification's largest differ
 Run (minutes per backbone; ExecuTorch's lowering is the slow part):
 ``python -m gfnet.bench.deploy_exports --out-dir bench/results [--formats onnx executorch] [--archs ...]``.
 It writes ``deploy_exports_cpu.json`` and ``.md`` atomically (the environment stamp of gfnet-bench). The test
-suite exports all eleven backbones to ONNX and ResNet-50 and MobileNet-V3 to ExecuTorch on every run; this
-file is the record for the other nine in ExecuTorch.
+suite exports one backbone per family to ONNX (all eleven with ``GFNET_TEST_ALL_BACKBONES=1``) and ResNet-50 and
+MobileNet-V3 to ExecuTorch on every run; this file is the record of all eleven in both formats.
 """
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ def _markdown(env: dict, records: Sequence[dict]) -> str:
     lines = ["# gfnet.export: every reference backbone in every format", "",
              f"Machine: {env['device_name']} ({env['cpus']} CPUs usable); torch {env['torch']}, Python "
              f"{env['python']}; git {env['git']}; load average {env['load_average']} at the start, "
-             f"{env.get('load_average_end')} at the end (other engineers shared the cores: wall-clock export times "
-             "are inflated, CPU seconds less so).", "",
+             f"{env.get('load_average_end')} at the end (a load above the CPU count inflates wall-clock export "
+             "times, CPU seconds less so)." + (f" {env['note']}." if env.get("note") else ""), "",
              "Each package: P=96, T=5 (MobileNet-V3: T=3), 1000 classes, uint8 input, max_batch 8; verified graph by "
              f"graph against PyTorch; predict() on {NUM_IMAGES} images compared with gfnet.budgeted_predict "
              "(thresholds at the median confidence of steps 1..T-1).", "",

@@ -497,3 +497,14 @@ def test_the_backbone_baseline_runs_in_each_runtime_at_a_batch_past_15(runtime, 
     got = np.asarray(runner.fn(runner.as_input(images.numpy())))
     assert got.shape == (16, 5)
     assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_onnx_sessions_take_their_threads_and_do_not_spin(tiny):
+    """A package's sessions take turns: each gets the threads asked for, and its pool threads sleep between runs
+    instead of spinning on the cores the next session needs."""
+    _, _, folder = tiny
+    pkg = load(folder, threads=2)
+    for session in pkg.graphs.sessions.values():
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
