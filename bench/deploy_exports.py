@@ -113,7 +113,8 @@ def _markdown(env: dict, records: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from gfnet.bench.rows import _atomic_write, environment
+    from gfnet.atomic import atomic_write_text
+    from gfnet.bench.rows import environment
     from gfnet.config import REFERENCE_ARCHS
 
     p = argparse.ArgumentParser(prog="python -m gfnet.bench.deploy_exports", description=__doc__.splitlines()[0])
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     env = environment("cpu", note=args.note)
     records = []
+    stem = os.path.join(args.out_dir, "deploy_exports_cpu")
     for fmt in args.formats:
         for arch in args.archs:
             try:
@@ -135,11 +137,11 @@ def main(argv=None) -> int:
             print(json.dumps(record), flush=True)
             records.append(record)
             torch._dynamo.reset()
-    env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    stem = os.path.join(args.out_dir, "deploy_exports_cpu")
-    _atomic_write(stem + ".json", json.dumps({"format": "gfnet-deploy-exports/1", "env": env, "records": records},
-                                             indent=1) + "\n")
-    _atomic_write(stem + ".md", _markdown(env, records))
+            # rewritten after every backbone: a run stopped after an hour keeps what it measured
+            env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+            atomic_write_text(stem + ".json", json.dumps({"format": "gfnet-deploy-exports/1", "env": env,
+                                                          "records": records}, indent=1) + "\n")
+            atomic_write_text(stem + ".md", _markdown(env, records))
     print(f"wrote {stem}.json and {stem}.md")
     return 0 if all(r.get("ok") for r in records) else 1
 

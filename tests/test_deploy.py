@@ -508,3 +508,30 @@ def test_onnx_sessions_take_their_threads_and_do_not_spin(tiny):
         options = session.get_session_options()
         assert options.intra_op_num_threads == 2
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_the_export_record_is_written_after_every_backbone(tmp_path, monkeypatch):
+    """``python -m gfnet.bench.deploy_exports`` keeps what it measured: the record files hold every backbone done
+    so far (a failure recorded, the run going on), written atomically after each one."""
+    from gfnet.bench import deploy_exports
+
+    seen = []
+
+    def check(arch, fmt):
+        path = tmp_path / "deploy_exports_cpu.json"
+        seen.append(json.loads(path.read_text())["records"] if path.exists() else [])
+        if arch == "bad":
+            raise RuntimeError("lowering failed\nsecond line")
+        return {"arch": arch, "format": fmt, "S": 224, "graphs": ["focus", "glance"], "export_wall_s": 1.0,
+                "export_cpu_s": 1.0, "package_mb": 1.0, "verify_max_abs_difference": 1e-6, "images": 8,
+                "ambiguous": 0, "exits_equal": True, "preds_equal": True, "probs_max_abs_difference": 1e-7,
+                "ok": True}
+
+    monkeypatch.setattr(deploy_exports, "check_backbone", check)
+    assert deploy_exports.main(["--out-dir", str(tmp_path), "--formats", "onnx", "--archs", "a", "bad", "b"]) == 1
+    assert [len(records) for records in seen] == [0, 1, 2]
+    records = json.loads((tmp_path / "deploy_exports_cpu.json").read_text())["records"]
+    assert [r["arch"] for r in records] == ["a", "bad", "b"]
+    assert records[1]["error"] == "RuntimeError: lowering failed"
+    md = (tmp_path / "deploy_exports_cpu.md").read_text()
+    assert "| bad | onnx |" in md and "FAILED: RuntimeError: lowering failed" in md
