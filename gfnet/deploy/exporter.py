@@ -145,6 +145,12 @@ def _write_onnx(exported, name: str, path: str) -> None:
     program.save(path, external_data=False)
 
 
+def _user_inputs(exported_program) -> list:
+    """The placeholder nodes of a program's own inputs (not its lifted weights and constants)."""
+    names = set(exported_program.graph_signature.user_inputs)
+    return [node for node in exported_program.graph.nodes if node.op == "placeholder" and node.name in names]
+
+
 def _restore_batch_bound(exported_program, max_batch: int) -> None:
     """Give the batch symbol of every input its traced upper bound back.
 
@@ -156,10 +162,7 @@ def _restore_batch_bound(exported_program, max_batch: int) -> None:
     tensors at run time; only the plan needs the bound."""
     from torch.utils._sympy.value_ranges import ValueRanges
 
-    user_inputs = set(exported_program.graph_signature.user_inputs)
-    for node in exported_program.graph.nodes:
-        if node.op != "placeholder" or node.name not in user_inputs:
-            continue
+    for node in _user_inputs(exported_program):
         val = node.meta.get("val")
         dim = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
         if not isinstance(dim, torch.SymInt):
@@ -173,10 +176,8 @@ def _restore_batch_bound(exported_program, max_batch: int) -> None:
 def planned_batch(program) -> int:
     """The largest batch an ExecuTorch program's memory plan holds: the smallest leading dimension among its
     inputs' planned (upper-bound) shapes."""
-    ep = program.exported_program()
-    user_inputs = set(ep.graph_signature.user_inputs)
-    sizes = [int(node.meta["spec"].shape[0]) for node in ep.graph.nodes
-             if node.op == "placeholder" and node.name in user_inputs and len(node.meta["spec"].shape)]
+    sizes = [int(node.meta["spec"].shape[0]) for node in _user_inputs(program.exported_program())
+             if len(node.meta["spec"].shape)]
     if not sizes:
         raise RuntimeError("the lowered ExecuTorch program has no batched input to read its plan from")
     return min(sizes)
